@@ -1,0 +1,178 @@
+"""Settings: one frozen dataclass per component, validated when built.
+
+`DecodeSettings` composes them; each component receives only its own part.
+Every constant of ../DESIGN.md is a field here with its documented default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+METHODS = ("ar", "specdec", "adaptive-k", "adaptive-tau", "cmasd", "margin", "cmasd+margin", "specbound")
+VERIFY_MODES = ("strict", "relaxed")
+CONFIDENCE_MODES = ("ensemble", "entropy", "margin", "softmax")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ConfidenceSettings:
+    """How a drafted token's confidence C in [0, 1] is computed from the drafter's logits."""
+
+    mode: str = "ensemble"  # ensemble | entropy | margin | softmax (single metrics for debugging)
+    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # l1 entropy, l2 logit margin, l3 softmax margin
+    margin_scale: float = 2.0  # s in C_margin = tanh((z1 - z2) / s)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        _check(self.mode in CONFIDENCE_MODES, f"confidence.mode must be one of {CONFIDENCE_MODES}, got {self.mode!r}")
+        _check(len(self.weights) == 3, f"confidence.weights needs 3 values, got {len(self.weights)}")
+        _check(all(w >= 0 for w in self.weights), f"confidence.weights must be >= 0, got {self.weights}")
+        _check(math.isclose(sum(self.weights), 1.0, abs_tol=1e-6), f"confidence.weights must sum to 1, got {self.weights}")
+        _check(self.margin_scale > 0, f"confidence.margin_scale must be > 0, got {self.margin_scale}")
+
+    @property
+    def effective_weights(self) -> tuple[float, float, float]:
+        single = {"entropy": (1.0, 0.0, 0.0), "margin": (0.0, 1.0, 0.0), "softmax": (0.0, 0.0, 1.0)}
+        return single.get(self.mode, self.weights)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """The controller: draft length k_j and verification threshold tau_t from confidence."""
+
+    k: int = 4  # draft length of the fixed-k methods (specdec, adaptive-tau, margin)
+    k_min: int = 1
+    k_max: int = 8
+    alpha: float = 1.0  # k_j = clip(k_min + round(alpha * Cbar * (k_max - k_min)), k_min, k_max)
+    c_stop: float = 0.0  # drafting stops before a token whose C < c_stop (0 = never)
+    tau_base: float = 0.3  # tau_t = tau_base * C_t ** gamma; 0 = strict
+    gamma: float = 1.0
+    beta: int = 5  # a drafted token must be among the target's top-beta
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, f"control.k must be >= 1, got {self.k}")
+        _check(self.k_min >= 0, f"control.k_min must be >= 0, got {self.k_min}")
+        _check(self.k_max >= max(self.k_min, 1), f"control.k_max must be >= max(k_min, 1), got {self.k_max}")
+        _check(self.alpha >= 0, f"control.alpha must be >= 0, got {self.alpha}")
+        _check(0 <= self.c_stop <= 1, f"control.c_stop must be in [0, 1], got {self.c_stop}")
+        _check(0 <= self.tau_base <= 1, f"control.tau_base must be in [0, 1], got {self.tau_base}")
+        _check(self.gamma >= 0, f"control.gamma must be >= 0, got {self.gamma}")
+        _check(self.beta >= 1, f"control.beta must be >= 1, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class MarginSettings:
+    """Margin-aware verification: accept a runner-up where the target itself is indecisive."""
+
+    m: int = 2  # the drafted token must be in the target's top-m
+    delta: float = 0.1  # ... and the target's p(1) - p(2) <= delta
+
+    def __post_init__(self) -> None:
+        _check(self.m >= 1, f"margin.m must be >= 1, got {self.m}")
+        _check(0 <= self.delta <= 1, f"margin.delta must be in [0, 1], got {self.delta}")
+
+
+@dataclass(frozen=True)
+class NgramSettings:
+    """The prompt-lookup drafter: continuation counts of the longest matching suffix."""
+
+    max_ngram: int = 4  # longest suffix looked up
+    min_ngram: int = 1  # shortest suffix looked up
+    min_count: int = 1  # fewer matches than this: no draft
+
+    def __post_init__(self) -> None:
+        _check(self.min_ngram >= 1, f"ngram.min_ngram must be >= 1, got {self.min_ngram}")
+        _check(self.max_ngram >= self.min_ngram, f"ngram.max_ngram must be >= min_ngram, got {self.max_ngram}")
+        _check(self.min_count >= 1, f"ngram.min_count must be >= 1, got {self.min_count}")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Everything one decode needs besides the models. `method` picks the ablation (DESIGN.md)."""
+
+    method: str = "cmasd"
+    verify: str = "strict"  # strict: lossless; relaxed: the method's own acceptance rule
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+    batch_size: int = 8
+    stop: tuple[str, ...] = ()  # stop strings (text level); EOS always stops
+    trace: bool = True  # keep the per-drafted-token trace
+    confidence: ConfidenceSettings = field(default_factory=ConfidenceSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
+    margin: MarginSettings = field(default_factory=MarginSettings)
+    ngram: NgramSettings = field(default_factory=NgramSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        _check(self.verify in VERIFY_MODES, f"verify must be 'strict' or 'relaxed', got {self.verify!r}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    # What the method does, decided once here (no string checks in the decode loop).
+    @property
+    def drafts(self) -> bool:
+        return self.method != "ar"
+
+    @property
+    def adaptive_k(self) -> bool:
+        return self.method in ("adaptive-k", "cmasd", "cmasd+margin")
+
+    @property
+    def threshold_rule(self) -> bool:
+        """CM-ASD's confidence-modulated threshold tau_t (only when verify is relaxed)."""
+        return self.verify == "relaxed" and self.method in ("adaptive-tau", "cmasd", "cmasd+margin")
+
+    @property
+    def margin_rule(self) -> bool:
+        """Margin-aware acceptance (only when verify is relaxed)."""
+        return self.verify == "relaxed" and self.method in ("margin", "cmasd+margin")
+
+    @property
+    def lossless(self) -> bool:
+        return not (self.threshold_rule or self.margin_rule)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecodeSettings:
+        """Build from a plain mapping (a YAML spec); unknown keys are an error naming the key."""
+        nested = {"confidence": ConfidenceSettings, "control": ControlSettings, "margin": MarginSettings,
+                  "ngram": NgramSettings}
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            _check(key in known, f"unknown decode setting {key!r} (known: {', '.join(sorted(known))})")
+            if key in nested:
+                sub = nested[key]
+                sub_known = {f.name for f in fields(sub)}
+                _check(isinstance(value, dict), f"decode setting {key!r} must be a mapping")
+                for sub_key in value:
+                    _check(sub_key in sub_known, f"unknown setting {key}.{sub_key} (known: {', '.join(sorted(sub_known))})")
+                value = sub(**value)
+            elif key == "stop" and isinstance(value, str):
+                value = (value,)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "__dataclass_fields__"):
+                value = {g.name: _plain(getattr(value, g.name)) for g in fields(value)}
+            out[f.name] = _plain(value)
+        return out
+
+    def with_(self, **changes: Any) -> DecodeSettings:
+        return replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
