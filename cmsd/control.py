@@ -1,0 +1,51 @@
+"""The controller owns all adaptivity: it turns each iteration's drafted-token confidences into the next draft
+length k_j and the verification thresholds tau_t (DESIGN.md). Drafters and rules know nothing of schedules.
+
+    k_j   = clip(k_min + round(alpha * Cbar * (k_max - k_min)), k_min, k_max)   Cbar: mean C of the row's last draft
+    tau_t = tau_base * C_t ** gamma
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cmsd.drafters import Draft
+from cmsd.settings import DecodeSettings
+
+
+class Controller:
+    def __init__(self, settings: DecodeSettings, batch: int, device: torch.device) -> None:
+        self.control = settings.control
+        self.drafts, self.adaptive = settings.drafts, settings.adaptive_k
+        self.tau_on = settings.threshold_rule
+        self.cbar = torch.full((batch,), float("nan"), device=device)  # [B] nan until a row has drafted
+
+    def draft_lengths(self, budget: torch.Tensor) -> torch.Tensor:
+        """budget: [B] the most drafted tokens a row can still use. Returns k: [B]."""
+        c = self.control
+        if not self.drafts:
+            return torch.zeros_like(budget)
+        if self.adaptive:
+            k = (c.k_min + torch.round(c.alpha * self.cbar * (c.k_max - c.k_min))).nan_to_num(c.k_min)
+            k = k.clamp(c.k_min, c.k_max).long()
+        else:
+            k = torch.full_like(budget, c.k)
+        return torch.minimum(k, budget.clamp(min=0))
+
+    def keep(self, c: torch.Tensor) -> torch.Tensor:
+        """c: [B] confidence of a candidate draft token. Drafting stops before a token with C < c_stop."""
+        return c >= self.control.c_stop
+
+    def thresholds(self, c: torch.Tensor) -> torch.Tensor:
+        """c: [B, K] confidence of the drafted tokens. Returns tau: [B, K] (0 where verification is strict)."""
+        if not self.tau_on:
+            return torch.zeros_like(c)
+        return self.control.tau_base * c.clamp(min=0) ** self.control.gamma
+
+    def observe(self, draft: Draft) -> None:
+        drafted = draft.lengths > 0
+        mean_c = draft.conf[..., 3].sum(1) / draft.lengths.clamp(min=1)
+        self.cbar = torch.where(drafted, mean_c, self.cbar)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cbar = self.cbar[rows]

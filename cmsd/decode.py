@@ -1,0 +1,229 @@
+"""The decode loop: draft, verify, commit, adapt, for a batch of rows at once.
+
+Each row keeps its own draft length and acceptance; finished rows leave the batch. The loop only coordinates
+the drafter (cmsd.drafters), the verification rule (cmsd.verify), the controller (cmsd.control) and the KV
+states (cmsd.kv); one host transfer per iteration carries the verdict back for bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cmsd.control import Controller
+from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, Sampler
+from cmsd.kv import open_state
+from cmsd.models import LoadedModel, ModelPair
+from cmsd.settings import DecodeSettings
+from cmsd.stats import TRACE_COLUMNS, DocStats
+from cmsd.verify import Rule, Verdict, verify
+
+
+@dataclass
+class Generation:
+    doc_id: str
+    token_ids: list[int]  # new tokens (EOS included)
+    prompt_tokens: int
+    stats: DocStats
+    finish_reason: str = "length"  # eos | length | stop
+    text: str = ""
+    trace: dict[str, list] | None = None  # columns TRACE_COLUMNS, one row per drafted token
+
+
+@dataclass
+class _Row:
+    """Host-side record of one row while it decodes."""
+
+    doc_id: str
+    prompt_tokens: int
+    budget: int  # max new tokens for this row
+    tokens: list[int] = field(default_factory=list)
+    stats: DocStats = field(default_factory=lambda: DocStats(docs=1))
+    finish: str | None = None
+    trace: dict[str, list] | None = None
+
+
+class Decoder:
+    """Decodes batches of prompts with a target and a drafter under one DecodeSettings."""
+
+    def __init__(self, pair: ModelPair, settings: DecodeSettings) -> None:
+        if settings.drafts and pair.drafter is None:
+            raise ValueError(f"method {settings.method!r} needs a drafter (a model, 'ngram' or 'self'); "
+                             "use method 'ar' to decode with the target alone")
+        if settings.method == "specbound" and pair.drafter != "self":
+            raise ValueError("method 'specbound' drafts with the target's own shallow layers: use drafter 'self'")
+        if pair.drafter == "self" and settings.method != "specbound":
+            raise ValueError("drafter 'self' is SpecBound's self-drafter: use method 'specbound'")
+        self.pair, self.settings = pair, settings
+        self.rule = Rule(threshold=settings.control if settings.threshold_rule else None,
+                         margin=settings.margin if settings.margin_rule else None)
+        self.eos = _eos_ids(pair.target)
+
+    # -- text level ------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Decode rendered prompts (see PromptTemplate). Returns one Generation per prompt, in order."""
+        tokenizer = self.pair.tokenizer
+        ids = [tokenizer(p, add_special_tokens=not _starts_with_bos(tokenizer, p))["input_ids"] for p in prompts]
+        gens = self.generate_ids(ids, doc_ids, progress)
+        for gen in gens:
+            gen.text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+            gen.text = _cut_at_stop(gen.text, self.settings.stop)
+        return gens
+
+    # -- token level -----------------------------------------------------------------------------------------
+    def generate_ids(self, prompts: list[list[int]], doc_ids: list[str] | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Decode token-id prompts in batches of settings.batch_size, longest first (less padding)."""
+        doc_ids = doc_ids or [str(i) for i in range(len(prompts))]
+        if len(doc_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(doc_ids)} doc ids")
+        for doc_id, prompt in zip(doc_ids, prompts):
+            if not prompt:
+                raise ValueError(f"document {doc_id}: empty prompt")
+            if len(prompt) >= self.pair.max_context:
+                raise ValueError(f"document {doc_id}: prompt of {len(prompt)} tokens does not fit the model's "
+                                 f"context of {self.pair.max_context}")
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[Generation | None] = [None] * len(prompts)
+        size = self.settings.batch_size
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            gens = self._decode_batch([prompts[i] for i in chunk], [doc_ids[i] for i in chunk], seed_offset=start)
+            for i, gen in zip(chunk, gens):
+                out[i] = gen
+            if progress:
+                progress(len(chunk))
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _decode_batch(self, prompts: list[list[int]], doc_ids: list[str], seed_offset: int) -> list[Generation]:
+        settings, device = self.settings, self.pair.device
+        started = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(settings.seed + seed_offset)
+        sampler = Sampler(settings.temperature, generator)
+        rows = [_Row(d, len(p), min(settings.max_new_tokens, self.pair.max_context - len(p)),
+                     trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None) for d, p in zip(doc_ids, prompts)]
+        capacity = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * settings.control.k_max + 8
+        target, pending = open_state(self.pair.target.model, prompts, capacity)  # 1. prefill
+        drafter = self._drafter(prompts, capacity, sampler)
+        controller = Controller(settings, len(prompts), device)
+        live = list(range(len(rows)))
+        iteration = 0
+        while live:
+            budget = torch.tensor([rows[r].budget - len(rows[r].tokens) - 1 for r in live], device=device)
+            k = controller.draft_lengths(budget)  # 2. how far to draft
+            draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)
+            tokens = torch.cat([pending[:, None], draft.tokens], 1)  # 3. verify in one target pass
+            valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),
+                               torch.arange(draft.tokens.shape[1], device=device) < draft.lengths[:, None]], 1)
+            logits = target.feed(tokens, valid)  # [B, 1 + K, V]
+            tau = controller.thresholds(draft.conf[..., 3])
+            verdict = verify(self.rule, draft.tokens, draft.lengths, logits, tau, settings.temperature, draft.q,
+                             generator)
+            target.commit(1 + verdict.accepted)  # 4. roll back what was rejected
+            if drafter:
+                drafter.commit(verdict.accepted, verdict.next_token)
+            controller.observe(draft)  # 5. adapt
+            pending = verdict.next_token
+            self._record([rows[r] for r in live], draft, verdict, k, tau, iteration, started)
+            iteration += 1
+            stay = [i for i, r in enumerate(live) if rows[r].finish is None]
+            if len(stay) < len(live):  # 6. finished rows leave the batch
+                index = torch.tensor(stay, device=device, dtype=torch.long)
+                for part in (target, drafter, controller):
+                    if part:
+                        part.select(index)
+                pending = pending[index]
+                live = [live[i] for i in stay]
+        return self._finish(rows, time.perf_counter() - started)
+
+    def _drafter(self, prompts: list[list[int]], capacity: int, sampler: Sampler) -> Drafter | None:
+        settings, drafter = self.settings, self.pair.drafter
+        if not settings.drafts:
+            return None
+        if isinstance(drafter, LoadedModel):
+            return ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
+        if drafter == "ngram":
+            vocab = self.pair.target.model.config.get_text_config(decoder=True).vocab_size
+            return NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
+        raise ValueError(f"unknown drafter {drafter!r}")
+
+    def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
+                iteration: int, started: float) -> None:
+        """Append each row's accepted drafts and next token (cut at EOS / budget) and count everything."""
+        accepted, nxt = verdict.accepted.tolist(), verdict.next_token.tolist()
+        lengths, drafted = draft.lengths.tolist(), draft.tokens.tolist()
+        now = time.perf_counter() - started
+        for i, row in enumerate(rows):
+            a, n = accepted[i], lengths[i]
+            if row.trace is not None and n:
+                _trace(row, i, draft, verdict, k, tau, iteration)
+            new = drafted[i][:a] + [nxt[i]]
+            for t in new:
+                row.tokens.append(t)
+                if t in self.eos or len(row.tokens) >= row.budget:
+                    row.finish = "eos" if t in self.eos else "length"
+                    break
+            if self.settings.stop and row.finish is None and self._hit_stop(row):
+                row.finish = "stop"
+            s = row.stats
+            s.target_calls, s.iterations, s.drafted, s.accepted = s.target_calls + 1, s.iterations + 1, s.drafted + n, s.accepted + a
+            s.rollbacks += int(a < n)
+            if row.finish:
+                s.latency_s = now
+
+    def _hit_stop(self, row: _Row) -> bool:
+        tokenizer = self.pair.tokenizer
+        if tokenizer is None:
+            return False
+        text = tokenizer.decode(row.tokens[-64:], skip_special_tokens=True)
+        return any(stop in text for stop in self.settings.stop)
+
+    def _finish(self, rows: list[_Row], wall: float) -> list[Generation]:
+        total = sum(len(r.tokens) for r in rows) or 1
+        gens = []
+        for row in rows:
+            row.stats.new_tokens = len(row.tokens)
+            row.stats.decode_s = wall * len(row.tokens) / total  # shares of the batch's wall time
+            gens.append(Generation(row.doc_id, row.tokens, row.prompt_tokens, row.stats, row.finish or "length",
+                                   trace=row.trace))
+        return gens
+
+
+def _trace(row: _Row, i: int, draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
+           iteration: int) -> None:
+    n = int(draft.lengths[i])
+    conf = draft.conf[i, :n].tolist()
+    columns = {
+        "doc_id": [row.doc_id] * n, "iteration": [iteration] * n,
+        "position": list(range(len(row.tokens), len(row.tokens) + n)),
+        "token_id": draft.tokens[i, :n].tolist(),
+        "c_ent": [c[0] for c in conf], "c_margin": [c[1] for c in conf], "c_soft": [c[2] for c in conf],
+        "c": [c[3] for c in conf], "k_j": [int(k[i])] * n, "tau_t": tau[i, :n].tolist(),
+        "accepted": [j < int(verdict.accepted[i]) for j in range(n)], "target_top1": verdict.top1[i, :n].tolist(),
+    }
+    for name, values in columns.items():
+        row.trace[name].extend(values)
+
+
+def _eos_ids(model: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (model.model.generation_config, model.model.config, model.tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return ids
+
+
+def _starts_with_bos(tokenizer, prompt: str) -> bool:
+    """A prompt rendered with a chat template may already carry the BOS token: don't add a second one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and prompt.startswith(bos)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cuts = [text.index(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text

@@ -1,0 +1,218 @@
+"""Drafters propose tokens with the drafter's distribution q and its confidence; they know nothing of schedules.
+
+    propose(k [B], keep) -> Draft    draft up to k[b] tokens for row b; `keep(C [B]) -> [B] bool` says whether a
+                                     candidate with confidence C is proposed (the controller's c_stop gate)
+    commit(accepted [B], next [B])   the verdict: the first accepted[b] drafts stand, then the token next[b]
+    select(rows)                     keep only these rows
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from transformers import PreTrainedModel
+
+from cmsd.confidence import confidence
+from cmsd.kv import open_state
+from cmsd.settings import ConfidenceSettings, NgramSettings
+
+Keep = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [B, K] drafted token ids (0 past a row's length)
+    lengths: torch.Tensor  # [B] drafted tokens per row
+    conf: torch.Tensor  # [B, K, 4] C_ent, C_margin, C_soft, C of each drafted token
+    q: torch.Tensor | None = None  # [B, K, V] drafter probabilities (kept only when sampling)
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> Draft:
+        return cls(torch.zeros(batch, 0, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, 0, 4, device=device))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Greedy (temperature 0) or sampling from softmax(logits / temperature)."""
+
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / max(self.temperature, 1e-6), dim=-1)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [B, V] -> [B] token ids."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return torch.multinomial(self.probs(logits), 1, generator=self.generator).squeeze(1)
+
+
+class Drafter(ABC):
+    @abstractmethod
+    def propose(self, k: torch.Tensor, keep: Keep) -> Draft: ...
+
+    @abstractmethod
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def select(self, rows: torch.Tensor) -> None: ...
+
+
+class _DraftBuffer:
+    """Collects one draft: [B, K] tokens, [B, K, 4] confidences and, when sampling, [B, K, V] q."""
+
+    def __init__(self, batch: int, k: int, device: torch.device, keep_q: bool) -> None:
+        self.tokens = torch.zeros(batch, k, dtype=torch.long, device=device)
+        self.conf = torch.zeros(batch, k, 4, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.keep_q = keep_q
+        self.q: torch.Tensor | None = None
+
+    def put(self, j: int, ok: torch.Tensor, token: torch.Tensor, conf: torch.Tensor, q: torch.Tensor) -> None:
+        """Column j for all rows: ok [B], token [B], conf [B, 4], q [B, V]."""
+        self.tokens[:, j] = torch.where(ok, token, 0)
+        self.conf[:, j] = conf * ok[:, None]
+        if self.keep_q:
+            self.q_columns(q.shape[-1])[:, j] = q
+        self.lengths += ok.long()
+
+    def q_columns(self, vocab: int) -> torch.Tensor:
+        if self.q is None:
+            self.q = torch.zeros(*self.tokens.shape, vocab, device=self.tokens.device)
+        return self.q
+
+    def draft(self) -> Draft:
+        return Draft(self.tokens, self.lengths, self.conf, self.q)
+
+
+class ModelDrafter(Drafter):
+    """A separate (small) Hugging Face model sharing the target's tokenizer, with its own KV cache."""
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, conf: ConfidenceSettings,
+                 sampler: Sampler) -> None:
+        self.state, first = open_state(model, prompts, capacity)
+        self.conf_settings, self.sampler = conf, sampler
+        device = model.device
+        self.pending = first[:, None]  # [B, P] tokens not yet in the drafter's cache
+        self.pending_ok = torch.ones_like(self.pending, dtype=torch.bool)
+        self.fed_drafts = torch.zeros(len(first), dtype=torch.long, device=device)  # drafts fed to the cache
+        self.tokens = self.pending[:, :0]
+        self.fed = False
+
+    @torch.inference_mode()
+    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+        batch, width = len(k), int(k.max()) if len(k) else 0
+        device = self.pending.device
+        self.fed = width > 0
+        if width == 0:
+            self.tokens = self.pending[:, :0]
+            return Draft.empty(batch, device)
+        k = k.to(device)
+        buf = _DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
+        tokens, valid = self.pending, self.pending_ok
+        active = k > 0
+        self.fed_drafts.zero_()
+        for j in range(width):
+            logits = self.state.feed(tokens, valid)  # [B, W, V]
+            last = (valid.long() * torch.arange(valid.shape[1], device=device)).argmax(1)
+            z = logits[torch.arange(batch, device=device), last]  # [B, V] logits after each row's last token
+            c = confidence(z, self.conf_settings)
+            x = self.sampler.pick(z)
+            ok = active & keep(c[:, 3])
+            buf.put(j, ok, x, c, self.sampler.probs(z) if buf.keep_q else z)
+            active = ok & (j + 1 < k)
+            if j + 1 == width or not bool(active.any()):
+                break
+            tokens, valid = x[:, None], active[:, None]
+            self.fed_drafts += active.long()
+        self.tokens = buf.tokens
+        return buf.draft()
+
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+        if not self.fed:  # nothing was fed: the old pending tokens wait, the new one joins them
+            self.pending = torch.cat([self.pending, next_token[:, None]], 1)
+            self.pending_ok = torch.cat([self.pending_ok, torch.ones_like(self.pending_ok[:, :1])], 1)
+            return
+        self.state.commit(self.pending_ok.sum(1) + torch.minimum(accepted, self.fed_drafts))
+        unfed = accepted > self.fed_drafts  # the last accepted draft was never fed to the drafter
+        last = self.tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+        self.pending = torch.stack([torch.where(unfed, last, next_token), next_token], 1)
+        self.pending_ok = torch.stack([torch.ones_like(unfed), unfed], 1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.state.select(rows)
+        self.pending, self.pending_ok = self.pending[rows], self.pending_ok[rows]
+        self.fed_drafts, self.tokens = self.fed_drafts[rows], self.tokens[rows]
+
+
+def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """The tokens that followed earlier occurrences of the longest matching suffix of `seq`, and their counts.
+
+    seq: [L] token ids. Returns (tokens [n], counts [n]) ordered by count, ties to the most recent occurrence.
+    """
+    for n in range(min(settings.max_ngram, len(seq) - 1), settings.min_ngram - 1, -1):
+        windows = sliding_window_view(seq[:-1], n)  # [L - n, n]: every earlier n-gram with a token after it
+        starts = np.flatnonzero((windows == seq[-n:]).all(1))
+        if len(starts) < settings.min_count:
+            continue
+        following = seq[starts + n][::-1]  # most recent first
+        tokens, first, counts = np.unique(following, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        return tokens[order], counts[order]
+    return None
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: continuation counts of the longest suffix that occurred before form q (no model)."""
+
+    def __init__(self, contexts: list[list[int]], vocab_size: int, settings: NgramSettings,
+                 conf: ConfidenceSettings, sampler: Sampler, device: torch.device) -> None:
+        self.seqs = [list(c) for c in contexts]
+        self.vocab_size, self.settings, self.conf_settings = vocab_size, settings, conf
+        self.sampler, self.device = sampler, device
+        self.drafts: list[list[int]] = [[] for _ in contexts]
+
+    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+        width = int(k.max()) if len(k) else 0
+        buf = _DraftBuffer(len(k), width, self.device, keep_q=self.sampler.temperature > 0)
+        self.drafts = [self._draft_row(row, int(n), keep, buf) for row, n in enumerate(k.tolist())]
+        return buf.draft()
+
+    def _draft_row(self, row: int, k: int, keep: Keep, buf: _DraftBuffer) -> list[int]:
+        seq = np.asarray(self.seqs[row] + [0] * k, dtype=np.int64)
+        end, drafted = len(self.seqs[row]), []
+        for j in range(k):
+            found = continuation_counts(seq[:end + j], self.settings)
+            if found is None:
+                break
+            tokens, counts = found
+            logits = torch.log(torch.as_tensor(counts, dtype=torch.float32))  # q = counts / sum(counts)
+            c = confidence(logits, self.conf_settings, vocab_size=self.vocab_size)
+            if not bool(keep(c[None, 3])[0]):
+                break
+            pick = int(self.sampler.pick(logits[None])[0])  # the most frequent (greedy) or a sample
+            seq[end + j] = tokens[pick]
+            drafted.append(int(tokens[pick]))
+            buf.tokens[row, j], buf.conf[row, j] = drafted[-1], c.to(buf.conf.device)
+            if buf.keep_q:
+                q = self.sampler.probs(logits).to(buf.conf.device)
+                buf.q_columns(self.vocab_size)[row, j, torch.as_tensor(tokens, device=q.device)] = q
+        buf.lengths[row] = len(drafted)
+        return drafted
+
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+        for seq, draft, a, t in zip(self.seqs, self.drafts, accepted.tolist(), next_token.tolist()):
+            seq.extend(draft[:a])
+            seq.append(t)
+
+    def select(self, rows: torch.Tensor) -> None:
+        keep = rows.tolist()
+        self.seqs = [self.seqs[r] for r in keep]
+        self.drafts = [self.drafts[r] for r in keep]

@@ -1,0 +1,211 @@
+"""KV caches for a batch of rows that advance by different numbers of tokens each iteration.
+
+Both states below have one interface, so the decode loop and the drafters never know which one they hold:
+
+    feed(tokens [B, W], valid [B, W]) -> logits [B, W, V]   append each row's valid tokens
+    commit(keep [B])                                        of the tokens fed since the last commit, row b keeps
+                                                            its first keep[b]; the rest are rolled back
+    select(rows [B'])                                       keep only these rows (finished rows leave the batch)
+
+`HoleyState` (decoder-only models): every row writes into the same cache slots; a rejected or padded slot becomes
+a hole (mask 0) and positions come from per-row counters, so rollback is a mask update plus a crop of the
+slots no row uses. Nothing is recomputed and nothing is copied.
+
+`SyncState` (encoder-decoder models, whose decoders place positions by cache index): all rows share one committed
+length T, the shortest row's; tokens a row has beyond T are fed again with its next feed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+
+class BufferedLayer(DynamicLayer):
+    """A KV cache layer in a pre-allocated buffer: appending writes in place (DynamicLayer concatenates, copying
+    the whole cache every step), cropping moves the end. The buffer doubles when full."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self._k = key_states.new_empty(b, h, self.capacity, d)  # [B, heads, capacity, head_dim]
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._grow(max(end, 2 * self._k.shape[-2]))
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, new)
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_initialized and tokens_to_remove < 0:
+            self.length = max(0, self.length + tokens_to_remove)
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def buffered_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    config = model.config.get_text_config(decoder=True)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers")
+    cache = DynamicCache()
+    cache.layers = [BufferedLayer(capacity) for _ in range(n_layers)]
+    return cache
+
+
+def _crop_to(cache: DynamicCache | EncoderDecoderCache, length: int) -> None:
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+class HoleyState:
+    """Decoder-only model + cache whose slots may hold holes. Slot s of row b is a token iff mask[b, s]."""
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> None:
+        self.model = model
+        self.cache = buffered_cache(model, capacity)
+        device, batch = model.device, len(prompts)
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, slots]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # [B] next position of each row
+        self.fresh = self.mask.bool()  # [B, slots fed since the last commit]
+        width = max(len(p) for p in prompts)
+        if width:  # left-pad the prompts into one prefill (this is not a verification step)
+            tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+            valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                if prompt:
+                    tokens[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+                    valid[row, width - len(prompt):] = True
+            self.feed(tokens, valid, logits=False)
+            self.commit(valid.sum(1))
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        """tokens, valid: [B, W]. Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
+        rank = valid.long().cumsum(1)  # [B, W] 1-based rank of each valid token in its row
+        positions = (self.pos[:, None] + rank - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, valid.long()], dim=1)
+        self.fresh = torch.cat([self.fresh, valid], dim=1)
+        self.pos = self.pos + rank[:, -1]
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
+        return out.logits if logits else None
+
+    def commit(self, keep: torch.Tensor) -> None:
+        """keep: [B] how many of the tokens fed since the last commit stay (the first ones)."""
+        fresh = self.fresh
+        kept = fresh & (fresh.long().cumsum(1) <= keep[:, None])
+        start = self.mask.shape[1] - fresh.shape[1]
+        self.mask[:, start:] = kept.long()
+        self.pos = self.pos - (fresh.sum(1) - kept.sum(1))
+        used = self.mask.any(0).nonzero()
+        length = int(used[-1]) + 1 if used.numel() else 0
+        self.mask = self.mask[:, :length]
+        _crop_to(self.cache, length)
+        self.fresh = fresh[:, :0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.pos, self.fresh = self.mask[rows], self.pos[rows], self.fresh[rows]
+
+
+class SyncState:
+    """Encoder-decoder model + decoder cache whose rows share one committed length T (see the module doc)."""
+
+    def __init__(self, model: PreTrainedModel, sources: list[list[int]], capacity: int) -> None:
+        self.model = model
+        device, batch = model.device, len(sources)
+        width = max(1, max(len(s) for s in sources))
+        pad = model.config.pad_token_id or 0
+        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+        self.enc_mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S]
+        for row, source in enumerate(sources):
+            ids[row, :len(source)] = torch.tensor(source, dtype=torch.long, device=device)
+            self.enc_mask[row, :len(source)] = 1
+        with torch.inference_mode():
+            self.encoded = model.get_encoder()(input_ids=ids, attention_mask=self.enc_mask).last_hidden_state
+        self.cache = EncoderDecoderCache(buffered_cache(model, capacity), DynamicCache())
+        self.seqs: list[list[int]] = [[] for _ in range(batch)]  # every decoder token of each row
+        self.fresh = [0] * batch  # tokens fed to each row since the last commit
+        self.length = 0  # T: the committed length shared by all rows
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        new = [row[ok].tolist() for row, ok in zip(tokens, valid)]
+        starts = [len(seq) for seq in self.seqs]
+        for seq, add in zip(self.seqs, new):
+            seq.extend(add)
+        self.fresh = [f + len(add) for f, add in zip(self.fresh, new)]
+        chunks = [seq[self.length:] for seq in self.seqs]
+        width = max(len(c) for c in chunks)
+        x = torch.zeros(len(chunks), width, dtype=torch.long, device=tokens.device)
+        for row, chunk in enumerate(chunks):  # right padding: causal attention keeps it out of real tokens
+            x[row, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded), attention_mask=self.enc_mask, decoder_input_ids=x,
+                         past_key_values=self.cache, use_cache=True).logits  # [B, width, V]
+        result = out.new_zeros(*tokens.shape, out.shape[-1]) if logits else None
+        if logits:
+            for row, (start, ok) in enumerate(zip(starts, valid)):
+                cols = ok.nonzero().squeeze(1)
+                offsets = start - self.length + torch.arange(len(cols), device=out.device)
+                result[row, cols] = out[row, offsets]
+        self._sync(min(len(seq) for seq in self.seqs))
+        return result
+
+    def _sync(self, length: int) -> None:
+        self.length = length
+        _crop_to(self.cache, length)
+
+    def commit(self, keep: torch.Tensor) -> None:
+        for row, (seq, fresh, k) in enumerate(zip(self.seqs, self.fresh, keep.tolist())):
+            del seq[len(seq) - fresh + k:]
+        self.fresh = [0] * len(self.seqs)
+        self._sync(min(self.length, min(len(seq) for seq in self.seqs)))
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.encoded, self.enc_mask = self.encoded[rows], self.enc_mask[rows]
+        keep = rows.tolist()
+        self.seqs = [self.seqs[r] for r in keep]
+        self.fresh = [self.fresh[r] for r in keep]
+
+
+def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> tuple[HoleyState | SyncState,
+                                                                                          torch.Tensor]:
+    """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed: the last
+    prompt token (decoder-only; it is verified together with the first draft) or the decoder start token."""
+    if model.config.is_encoder_decoder:
+        start = model.config.decoder_start_token_id
+        start = model.config.bos_token_id if start is None else start
+        return SyncState(model, prompts, capacity), torch.full((len(prompts),), start, device=model.device)
+    first = torch.tensor([p[-1] for p in prompts], device=model.device)
+    return HoleyState(model, [p[:-1] for p in prompts], capacity), first
