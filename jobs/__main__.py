@@ -1,0 +1,5 @@
+"""`python -m jobs` is `cmsd-jobs`."""
+
+from jobs.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The `cmsd-jobs` command line. Commands are thin: they parse, call jobs.job, and print.
+
+Exit codes: 0 done, 1 the job failed (resume it), 2 bad input (nothing written). Heavy imports (torch, ray)
+happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from jobs.errors import BadInput, JobFailed
+
+DEMO_SPEC = Path(__file__).parent / "data" / "demo.yaml"
+
+# submit's named flags and the spec field each one sets
+FLAG_FIELDS = {
+    "corpus": "corpus.path", "task": "task.name", "target": "models.target", "drafter": "models.drafter",
+    "method": "decode.method", "verify": "decode.verify", "out": "output.dir", "shards": "execution.shards",
+    "actors": "execution.actors", "address": "execution.address", "batch_size": "decode.batch_size",
+    "max_new_tokens": "decode.max_new_tokens", "temperature": "decode.temperature", "seed": "decode.seed",
+    "limit": "corpus.limit", "source_field": "corpus.source_field", "reference_field": "corpus.reference_field",
+    "id_field": "corpus.id_field", "job_id": "output.job_id",
+}
+
+
+class _ExitError(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class JobsGroup(click.Group):
+    """Maps BadInput to exit code 2 and JobFailed to 1, with the message on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BadInput as err:
+            raise _ExitError(f"bad input: {err}", err.exit_code) from err
+        except JobFailed as err:
+            raise _ExitError(f"job failed: {err}", err.exit_code) from err
+
+
+@click.group(cls=JobsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Run confidence-modulated speculative decoding (CM-ASD) over a whole corpus, as a Ray batch job.
+
+    \b
+    Start here:
+      cmsd-jobs submit --demo                  a small job on the bundled sample corpus (a few minutes)
+      cmsd-jobs submit job.yaml                a job from a YAML spec (see jobs/data/demo.yaml)
+      cmsd-jobs submit --corpus docs.jsonl --task summarization --method cmasd --out runs
+      cmsd-jobs status runs/<job_id>           how far a job got
+      cmsd-jobs resume runs/<job_id>           finish an interrupted or failed job
+      cmsd-jobs report runs/<job_id>           rewrite report.md / report.html
+
+    Exit codes: 0 done, 1 the job failed (resume it), 2 bad input (nothing was written).
+    """
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--demo", is_flag=True, help="Use the bundled demo spec (jobs/data/demo.yaml); flags still override it.")
+@click.option("--corpus", metavar="PATH", help="Corpus: .jsonl, .csv, .tsv, .parquet, .arrow, a `datasets` "
+              "directory, a source .txt (with --set corpus.reference_path=REF.txt), or a hub dataset name.")
+@click.option("--task", type=click.Choice(["summarization", "translation", "plain"]), help="Picks the prompt.")
+@click.option("--target", metavar="MODEL", help="Target model: smollm2 (offline default), a directory or hub name.")
+@click.option("--drafter", metavar="DRAFTER", help="ngram, self (SpecBound), a model directory or hub name, "
+              "or none (AR).")
+@click.option("--method", metavar="METHOD", help="ar, specdec, adaptive-k, adaptive-tau, cmasd, margin, "
+              "cmasd+margin or specbound.")
+@click.option("--verify", type=click.Choice(["strict", "relaxed"]),
+              help="strict: output equals the target's (lossless); relaxed: the method's own acceptance rule.")
+@click.option("--out", metavar="DIR", help="Where job directories go: a path or a pyarrow filesystem URI.")
+@click.option("--job-id", metavar="ID", help="Name of the job directory (default: date-time-corpus-method).")
+@click.option("--shards", type=int, help="Number of shards (default: one per 64 rows, at least two per actor).")
+@click.option("--actors", type=int, help="Worker actors, each holding one drafter/target pair.")
+@click.option("--address", metavar="ADDR", help="Join a Ray cluster: auto or ray://host:10001 "
+              "(default: start a local Ray).")
+@click.option("--batch-size", type=int, help="Documents decoded together by one actor.")
+@click.option("--max-new-tokens", type=int, help="Tokens generated per document, at most.")
+@click.option("--temperature", type=float, help="0 = greedy.")
+@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--limit", type=int, help="Decode only the first N rows.")
+@click.option("--source-field", metavar="NAME", help="Corpus field with the text to decode [default: source].")
+@click.option("--reference-field", metavar="NAME", help="Field with the reference [default: reference, if any].")
+@click.option("--id-field", metavar="NAME", help="Field with the document id [default: id, if any, else row-N].")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Set any spec field, e.g. --set decode.control.k_max=12 (repeatable; values are YAML).")
+def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], **flags: Any) -> None:
+    """Check a job, write its directory, run it on Ray, and write summary.json and the report.
+
+    The job is SPEC_FILE (YAML: corpus, task, prompt, models, decode, execution, output) with the flags
+    applied on top. Everything is checked before anything is written. The last line printed is the job
+    directory.
+    """
+    from jobs.job import submit as submit_job
+    from jobs.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
+
+    if demo and spec_file:
+        raise click.UsageError("give either SPEC_FILE or --demo, not both")
+    source = str(DEMO_SPEC) if demo else spec_file
+    data = load_spec_file(source) if source else {}
+    overrides = {FLAG_FIELDS[name]: value for name, value in flags.items() if value is not None}
+    if str(overrides.get("models.drafter", "")).lower() == "none":
+        overrides["models.drafter"] = None  # AR: the target alone
+    overrides.update(parse_assignment(text) for text in assignments)
+    result = submit_job(JobSpec.from_dict(apply_overrides(data, overrides)))
+    _finish(result)
+
+
+@main.command()
+@click.argument("job_dir")
+@click.option("--address", metavar="ADDR", help="Join this Ray cluster instead of the spec's.")
+@click.option("--actors", type=int, help="Worker actors for this run.")
+def resume(job_dir: str, address: str | None, actors: int | None) -> None:
+    """Run the shards of JOB_DIR that are not done (only those), then write the summary and report."""
+    from jobs.job import resume as resume_job
+
+    overrides = {k: v for k, v in {"execution.address": address, "execution.actors": actors}.items() if v}
+    _finish(resume_job(job_dir, overrides))
+
+
+@main.command()
+@click.argument("job_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(job_dir: str, as_json: bool) -> None:
+    """How far the job in JOB_DIR got: shards and rows done, rows refused, what is left."""
+    from jobs.job import status as job_status
+
+    info = job_status(job_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['job_id']}: {info['state']}, {info['shards_done']}/{info['shards']} shards, "
+               f"{info['rows_done']}/{info['rows']} documents, {info['rows_refused']} rows refused, "
+               f"summary {'written' if info['summary'] else 'not written'}")
+    if info["unfinished"]:
+        click.echo(f"unfinished shards: {info['unfinished']}; run `cmsd-jobs resume {info['job']}`")
+
+
+@main.command()
+@click.argument("job_dir")
+def report(job_dir: str) -> None:
+    """Write report.md, report.html and plots/*.png of the finished job in JOB_DIR."""
+    from jobs.job import report_only
+
+    _finish(report_only(job_dir))
+
+
+def _finish(result: Any) -> None:
+    """The closing lines: key numbers, the report, and the job directory last."""
+    overall = result.summary["overall"]
+    click.echo(f"{result.summary['docs']} documents, {overall['new_tokens']} tokens, "
+               f"{overall['tokens_per_s']:.1f} tokens/s per actor, {overall['tokens_per_call']:.2f} tokens/call, "
+               f"acceptance {overall['acceptance_rate']:.2f}, {result.summary['errors']} rows refused")
+    click.echo(f"report: {result.report}")
+    click.echo(result.uri)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The driver: connect to Ray, keep every worker actor busy from a queue of shards, replace dead actors.
+
+An actor that dies (its process killed, out of memory, its node lost) is replaced, and its shard goes back
+on the queue for any actor to take, up to `retries` more attempts. A shard whose decode raised goes back on
+the queue the same way. A shard's result file is its commit, so a shard decoded twice is written once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+
+from jobs.errors import JobFailed
+from jobs.spec import ExecutionSpec, JobSpec
+from workers import ShardWorker
+from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
+
+ACTOR_DEATHS = (RayActorError, OutOfMemoryError, WorkerCrashedError)
+# Passed to the workers of a cluster when the user has them set (a local Ray inherits the environment).
+PASSTHROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "CMSD_CACHE")
+
+
+class Observer(Protocol):
+    """Hears what the driver does: progress display, logs, tests."""
+
+    def actor_ready(self, info: WorkerInfo) -> None: ...
+
+    def shard_started(self, task: ShardTask, worker: WorkerInfo) -> None: ...
+
+    def shard_finished(self, outcome: ShardOutcome) -> None: ...
+
+    def shard_failed(self, task: ShardTask, error: str, retry: bool) -> None: ...
+
+
+@dataclass
+class RunReport:
+    """What one driver run did."""
+
+    outcomes: list[ShardOutcome] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # shard -> last error, past its retries
+    workers: list[WorkerInfo] = field(default_factory=list)
+    retries: int = 0  # shard attempts after a failure
+    replaced: int = 0  # actors that died and were replaced
+    wall_s: float = 0.0  # from the first actor requested to the last shard committed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": self.wall_s, "shards_run": sorted(o.index for o in self.outcomes),
+                "retries": self.retries, "actors_replaced": self.replaced, "failed": self.failed,
+                "sum_decode_s": sum(o.decode_s for o in self.outcomes),
+                "workers": [{"pid": w.pid, "node_id": w.node_id, "device": w.device, "load_s": w.load_s}
+                            for w in self.workers]}
+
+
+@dataclass
+class _Worker:
+    handle: Any  # ray ActorHandle
+    info: WorkerInfo | None = None  # known once the actor has loaded its models
+
+
+class Scheduler:
+    """A queue of shard tasks served by a pool of actors made by `spawn`."""
+
+    def __init__(self, spawn: Callable[[], Any], actors: int, retries: int, observer: Observer) -> None:
+        self.spawn, self.actors, self.retries, self.observer = spawn, actors, retries, observer
+        self.report = RunReport()
+        self._queue: deque[ShardTask] = deque()
+        self._calls: dict[Any, tuple[_Worker, ShardTask | None]] = {}  # ObjectRef -> (worker, shard or info)
+        self._idle: list[_Worker] = []
+        self._start_failures = 0
+
+    def run(self, tasks: list[ShardTask]) -> RunReport:
+        start = time.perf_counter()
+        self._queue.extend(tasks)
+        for _ in range(min(self.actors, len(tasks))):
+            self._start_worker()
+        try:
+            while self._queue or self._shards_running():
+                self._dispatch()
+                ready, _ = ray.wait(list(self._calls), num_returns=1)
+                self._settle(ready[0], *self._calls.pop(ready[0]))
+        finally:
+            for worker in self._idle + [w for w, _ in self._calls.values()]:
+                ray.kill(worker.handle)
+        self.report.wall_s = time.perf_counter() - start
+        return self.report
+
+    def _shards_running(self) -> bool:
+        return any(task is not None for _, task in self._calls.values())
+
+    def _start_worker(self) -> None:
+        worker = _Worker(self.spawn())
+        self._calls[worker.handle.info.remote()] = (worker, None)
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            worker, task = self._idle.pop(), self._queue.popleft()
+            assert worker.info is not None
+            self.observer.shard_started(task, worker.info)
+            self._calls[worker.handle.run_shard.remote(task)] = (worker, task)
+
+    def _settle(self, ref: Any, worker: _Worker, task: ShardTask | None) -> None:
+        try:
+            value = ray.get(ref)
+        except ACTOR_DEATHS as err:
+            if task is not None:
+                self._retry(task, f"actor died: {_first_line(err)}")
+            self._replace(worker, err)
+            return
+        except RayTaskError as err:  # the decode raised; the actor is alive
+            self._idle.append(worker)
+            if task is not None:
+                self._retry(task, _first_line(err))
+            return
+        self._idle.append(worker)
+        if task is None:
+            worker.info = value
+            self.report.workers.append(value)
+            self.observer.actor_ready(value)
+        else:
+            self.report.outcomes.append(value)
+            self.observer.shard_finished(value)
+
+    def _replace(self, worker: _Worker, err: Exception) -> None:
+        """A dead actor is replaced while there is work for it."""
+        ray.kill(worker.handle)
+        self.report.replaced += 1
+        if worker.info is None:  # it died while loading its models
+            self._start_failures += 1
+            if self._start_failures > self.retries:
+                raise JobFailed(f"worker actors fail to start ({self._start_failures} times): {_first_line(err)}")
+        if self._queue:
+            self._start_worker()
+
+    def _retry(self, task: ShardTask, error: str) -> None:
+        retry = task.attempt <= self.retries
+        self.observer.shard_failed(task, error, retry)
+        if retry:
+            self.report.retries += 1
+            self._queue.append(replace(task, attempt=task.attempt + 1))
+        else:
+            self.report.failed[task.index] = error
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
+
+
+@contextmanager
+def ray_connection(execution: ExecutionSpec) -> Iterator[None]:
+    """Use the Ray this process already joined, or start a local one (no address), or join `address`."""
+    if ray.is_initialized():
+        yield
+        return
+    env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+    common: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    if execution.address:
+        ray.init(address=execution.address, runtime_env={"env_vars": env} if env else None, **common)
+    else:
+        ray.init(address="local", num_cpus=execution.num_cpus, include_dashboard=False, **common)  # a new one
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
+    """A function that starts one worker actor: one GPU where the cluster has GPUs, CPUs otherwise."""
+    execution = spec.execution
+    gpus = execution.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
+                          decode=spec.decode, device=spec.models.device, dtype=spec.models.dtype,
+                          threads=max(1, int(execution.cpus_per_actor)))
+    remote = ray.remote(ShardWorker).options(num_cpus=execution.cpus_per_actor, num_gpus=gpus,
+                                             scheduling_strategy="SPREAD", max_restarts=0, max_task_retries=0)
+    return lambda: remote.remote(config)
+
+
+def run_shards(spec: JobSpec, job_uri: str, tasks: list[ShardTask], observer: Observer) -> RunReport:
+    with ray_connection(spec.execution):
+        scheduler = Scheduler(actor_spawner(spec, job_uri), spec.execution.actors, spec.execution.retries, observer)
+        return scheduler.run(tasks)

@@ -1,0 +1,152 @@
+"""report.md and report.html from summary.json and the traces, with plots/*.png (matplotlib, Agg).
+
+Plots: throughput per shard; the histogram of draft lengths k_j (one count per draft-verify iteration);
+drafter confidence C against the empirical acceptance rate, in bins of C.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.manifest import Manifest
+from workers.store import JobStore, trace_path
+
+CONF_BINS = 10
+TABLE_ROWS = ("docs", "new_tokens", "decode_s", "tokens_per_s", "target_calls", "tokens_per_call",
+              "acceptance_rate", "mean_k", "rollback_rate", "bleu", "chrf", "rouge1", "rouge2", "rougeL",
+              "agreement_with_ar", "speedup_vs_ar")
+SHARD_COLUMNS = ("shard", "rows", "tokens_per_s", "tokens_per_call", "acceptance_rate", "mean_k", "attempt")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(store: JobStore, rel: str, figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(figure)
+    store.write_bytes(rel, buffer.getvalue())
+    return rel
+
+
+def read_traces(store: JobStore, manifest: Manifest) -> pa.Table:
+    columns = ["doc_id", "iteration", "k_j", "c", "accepted"]
+    parts = [store.read_parquet(trace_path(e.index), columns) for e in manifest.shards
+             if store.exists(trace_path(e.index))]
+    return pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+
+
+def plot_throughput(store: JobStore, summary: dict[str, Any]) -> str:
+    shards = summary["per_shard"]
+    figure, ax = _pyplot().subplots(figsize=(6, 3))
+    ax.bar([str(s["shard"]) for s in shards], [s["tokens_per_s"] for s in shards], color="tab:blue")
+    ax.set(xlabel="shard", ylabel="tokens / s (per actor)", title="Throughput per shard")
+    return _save(store, "plots/throughput.png", figure)
+
+
+def plot_k_histogram(store: JobStore, traces: pa.Table) -> str:
+    per_iteration = traces.group_by(["doc_id", "iteration"]).aggregate([("k_j", "max")]) if traces.num_rows else None
+    figure, ax = _pyplot().subplots(figsize=(6, 3))
+    if per_iteration is not None and per_iteration.num_rows:
+        k = per_iteration.column("k_j_max").to_numpy()
+        ax.hist(k, bins=np.arange(k.min(), k.max() + 2) - 0.5, color="tab:green", rwidth=0.9)
+    else:
+        ax.text(0.5, 0.5, "nothing drafted", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="draft length k_j", ylabel="iterations", title="Draft lengths")
+    return _save(store, "plots/k_histogram.png", figure)
+
+
+def calibration(traces: pa.Table) -> list[tuple[float, float, int]]:
+    """(bin centre, empirical acceptance, drafted tokens) per confidence bin that has tokens."""
+    if not traces.num_rows:
+        return []
+    c = np.clip(traces.column("c").to_numpy(zero_copy_only=False), 0.0, 1.0)
+    accepted = traces.column("accepted").to_numpy(zero_copy_only=False).astype(float)
+    bins = np.minimum((c * CONF_BINS).astype(int), CONF_BINS - 1)
+    out = []
+    for b in range(CONF_BINS):
+        mask = bins == b
+        if mask.any():
+            out.append(((b + 0.5) / CONF_BINS, float(accepted[mask].mean()), int(mask.sum())))
+    return out
+
+
+def plot_calibration(store: JobStore, traces: pa.Table) -> str:
+    points = calibration(traces)
+    figure, ax = _pyplot().subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    if points:
+        x, y, n = zip(*points)
+        ax.plot(x, y, marker="o", color="tab:red")
+        for xi, yi, ni in points:
+            ax.annotate(str(ni), (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="drafter confidence C", ylabel="empirical acceptance",
+           title="Confidence vs acceptance")
+    return _save(store, "plots/confidence_acceptance.png", figure)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    overall = [(name, _fmt(summary["overall"].get(name))) for name in TABLE_ROWS]
+    shards = [[_fmt(s.get(c)) for c in SHARD_COLUMNS] + [", ".join(n[:8] for n in s["nodes"])]
+              for s in summary["per_shard"]]
+    return overall, shards
+
+
+def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
+    overall, shards = _rows(summary)
+    lines = [f"# Job {summary['job_id']}", "", _headline(summary), "", "| number | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in overall]
+    if summary["overall"].get("bleu_signature"):
+        lines += ["", f"sacrebleu signatures: BLEU `{summary['overall']['bleu_signature']}`, "
+                      f"chrF `{summary['overall']['chrf_signature']}`"]
+    lines += ["", "## Shards", "", "| " + " | ".join([*SHARD_COLUMNS, "nodes"]) + " |",
+              "|" + " --- |" * (len(SHARD_COLUMNS) + 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in shards]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def render_html(summary: dict[str, Any], plots: list[str]) -> str:
+    overall, shards = _rows(summary)
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in [*SHARD_COLUMNS, "nodes"])
+    body = [f"<h1>Job {esc(summary['job_id'])}</h1>", f"<p>{esc(_headline(summary))}</p>", "<table>"]
+    body += [f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in overall]
+    body += ["</table>", "<h2>Shards</h2>", f"<table><tr>{head}</tr>"]
+    body += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in shards]
+    body += ["</table>", "<h2>Plots</h2>"] + [f'<img src="{esc(p)}" alt="{esc(p)}">' for p in plots]
+    style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border:1px solid #ccc}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" + \
+        "\n".join(body) + "</body></html>\n"
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    return (f"{summary['task']} with {summary['method']} ({summary['verify']} verification), target "
+            f"{summary['target']}, drafter {summary['drafter']}: {summary['docs']} documents in "
+            f"{summary['shards']} shards on {len(summary['nodes'])} node(s), {summary['errors']} rows refused.")
+
+
+def write_report(store: JobStore, manifest: Manifest, summary: dict[str, Any]) -> str:
+    """Write plots, report.md and report.html; return the report.md location."""
+    traces = read_traces(store, manifest)
+    plots = [plot_throughput(store, summary), plot_k_histogram(store, traces), plot_calibration(store, traces)]
+    store.write_bytes("report.md", render_markdown(summary, plots).encode())
+    store.write_bytes("report.html", render_html(summary, plots).encode())
+    return f"{store.uri}/report.md"

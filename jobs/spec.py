@@ -1,0 +1,205 @@
+"""The job spec: corpus, task, prompt, models, decoding settings, execution and output.
+
+A YAML file with these sections; every field can be overridden from the command line (`--set
+section.field=value`, or the named flags of `cmsd-jobs submit`). The resolved spec, every default written
+out, goes into the job directory as spec.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmsd.settings import DecodeSettings
+from jobs.errors import BadInput
+
+TASKS = ("summarization", "translation", "plain")
+FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "arrow", "datasets", "text", "hub")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the documents are and which fields hold what."""
+
+    path: str = ""  # a file, a `datasets` directory, a URI, or a hub dataset name
+    format: str = "auto"  # auto (from the suffix) | jsonl | csv | tsv | parquet | arrow | datasets | text | hub
+    reference_path: str | None = None  # format text: the aligned reference file, one line per source line
+    source_field: str = "source"
+    reference_field: str | None = None  # None: "reference" when the corpus has it, else no references
+    id_field: str | None = None  # None: "id" when the corpus has it, else row-<n>
+    split: str = "test"  # the split of a hub dataset or a saved DatasetDict
+    limit: int | None = None  # decode only the first N rows
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "corpus.path is required (a file, a directory or a hub dataset name)")
+        _check(self.format in FORMATS, f"corpus.format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        _check(self.limit is None or self.limit >= 1, f"corpus.limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str = "summarization"  # summarization | translation | plain
+    src_lang: str | None = None  # translation: None = the corpus's src_lang field, row by row
+    tgt_lang: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.name in TASKS, f"task.name must be one of {', '.join(TASKS)}; got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    template: str | None = None  # str.format over {source}, {src_lang}, {tgt_lang}; None = the task's default
+    chat: bool | None = None  # wrap in the tokenizer's chat template; None = when it has one
+    system: str | None = None  # a system message for chat templates
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    target: str = "smollm2"  # "smollm2" (offline SmolLM2-135M-Instruct), a directory or a hub name
+    drafter: str | None = "ngram"  # "ngram", "self" (SpecBound), a directory or hub name; None = AR only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """How the job runs on Ray."""
+
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
+    actors: int = 2  # worker actors, each holding one drafter/target pair
+    shards: int | None = None  # None: one per `shard_rows` rows, at least two per actor
+    shard_rows: int = 64
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has a GPU, else 0
+    retries: int = 2  # attempts after the first, per shard, when an actor dies or a shard fails
+    num_cpus: int | None = None  # local Ray only: CPUs it may use (None: all)
+
+    def __post_init__(self) -> None:
+        _check(self.actors >= 1, f"execution.actors must be >= 1, got {self.actors}")
+        _check(self.shards is None or self.shards >= 1, f"execution.shards must be >= 1, got {self.shards}")
+        _check(self.shard_rows >= 1, f"execution.shard_rows must be >= 1, got {self.shard_rows}")
+        _check(self.cpus_per_actor > 0, f"execution.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        _check(self.gpus_per_actor is None or self.gpus_per_actor >= 0,
+               f"execution.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        _check(self.retries >= 0, f"execution.retries must be >= 0, got {self.retries}")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"execution.num_cpus must be >= 1, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs"  # where job directories go: a local path or a pyarrow filesystem URI
+    job_id: str | None = None  # None: <date>-<time>-<corpus>-<method>-<4 hex>
+
+
+SECTIONS: dict[str, type] = {"corpus": CorpusSpec, "task": TaskSpec, "prompt": PromptSpec, "models": ModelSpec,
+                             "execution": ExecutionSpec, "output": OutputSpec}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    corpus: CorpusSpec
+    task: TaskSpec = field(default_factory=TaskSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    models: ModelSpec = field(default_factory=ModelSpec)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """Build and validate; any problem is a BadInput naming the section and field."""
+        if not isinstance(data, dict):
+            raise BadInput(f"a job spec must be a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SECTIONS) - {"decode"})
+        if unknown:
+            raise BadInput(f"unknown spec section(s) {unknown} (known: {', '.join([*SECTIONS, 'decode'])})")
+        parts = {name: _section(name, kind, data.get(name) or {}) for name, kind in SECTIONS.items()}
+        try:
+            decode = DecodeSettings.from_dict(data.get("decode") or {})
+        except (TypeError, ValueError) as err:
+            raise BadInput(f"decode: {err}") from err
+        return cls(decode=decode, **parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        out["decode"] = self.decode.to_dict()
+        return {key: out[key] for key in ("corpus", "task", "prompt", "models", "decode", "execution", "output")}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def with_(self, section: str, **changes: Any) -> JobSpec:
+        return replace(self, **{section: replace(getattr(self, section), **changes)})
+
+
+def _section(name: str, kind: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise BadInput(f"spec section {name!r} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BadInput(f"unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)} "
+                       f"(known: {', '.join(sorted(known))})")
+    try:
+        return kind(**data)
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"{name}: {err}") from err
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML spec file; relative corpus paths are taken relative to the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise BadInput(f"cannot read spec {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise BadInput(f"spec {path} must be a mapping of sections, got {type(data).__name__}")
+    corpus = data.get("corpus")
+    if isinstance(corpus, dict):
+        for key in ("path", "reference_path"):
+            corpus[key] = _beside(path, corpus.get(key))
+    return data
+
+
+def _beside(spec_file: Path, value: Any) -> Any:
+    """A relative local path in a spec file means: relative to that file (hub names are left alone)."""
+    if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+        return value
+    candidate = spec_file.parent / value
+    return str(candidate) if candidate.exists() else value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`decode.control.k_max`) in a copy of a raw spec mapping."""
+    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        node = out
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise BadInput(f"cannot set {dotted}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`section.field=value` with a YAML value (`8`, `null`, `[0.5, 0.25, 0.25]`, `text`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(f"--set expects section.field=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise BadInput(f"--set {key}: cannot parse value {raw!r}: {err}") from err
+    return key.strip(), value

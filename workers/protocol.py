@@ -1,0 +1,60 @@
+"""What the driver and a worker actor exchange: small frozen dataclasses, cheap to pickle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cmsd import DecodeSettings
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything an actor needs to build its drafter/target pair and decoder, once."""
+
+    job_uri: str  # the job directory (local path or pyarrow filesystem URI)
+    target: str  # "smollm2", a directory or a hub name
+    drafter: str | None  # "ngram", "self", a directory or hub name; None for AR
+    decode: DecodeSettings
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 1  # torch intra-op threads (the actor's CPU share)
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to decode: where it is and what the manifest promises about it."""
+
+    index: int
+    rows: int
+    checksum: str  # of the shard's Arrow IPC bytes
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where an actor runs, learnt once it has loaded its models."""
+
+    pid: int
+    node_id: str
+    device: str
+    load_s: float  # model load wall seconds in the actor's constructor
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What a worker reports after committing a shard (its numbers are also in the result file)."""
+
+    index: int
+    rows: int
+    attempt: int
+    node_id: str
+    pid: int
+    decode_s: float  # wall seconds inside Decoder.generate
+    wall_s: float  # the whole call: read, decode, write
+    stats: dict[str, float] = field(default_factory=dict)  # the shard's DocStats, summed
