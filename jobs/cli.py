@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from jobs.errors import BadInput, JobFailed
+from jobs.k8s import k8s
 
 DEMO_SPEC = Path(__file__).parent / "data" / "demo.yaml"
 
@@ -163,6 +164,8 @@ def _finish(result: Any) -> None:
     click.echo(result.uri)
     sys.stdout.flush()
 
+
+main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s.py)
 
 if __name__ == "__main__":
     main()
