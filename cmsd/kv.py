@@ -120,6 +120,7 @@ class HoleyState:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
         return out.logits if logits else None
 
+    @torch.inference_mode()
     def commit(self, keep: torch.Tensor) -> None:
         """keep: [B] how many of the tokens fed since the last commit stay (the first ones)."""
         fresh = self.fresh
@@ -133,6 +134,7 @@ class HoleyState:
         _crop_to(self.cache, length)
         self.fresh = fresh[:, :0]
 
+    @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         self.mask, self.pos, self.fresh = self.mask[rows], self.pos[rows], self.fresh[rows]

@@ -1,0 +1,21 @@
+"""Shared fixtures. Tiny random models live in tests/tiny.py; here, the environment and the real model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_ngram():
+    """The real offline model, SmolLM2-135M-Instruct, with the n-gram drafter."""
+    from cmsd import load_pair
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return load_pair("smollm2", "ngram", device="cpu", dtype="float32")

@@ -1,0 +1,61 @@
+"""Tiny random models built from a config (both families) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+
+TINY_VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = TINY_VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bart(seed: int = 0, vocab: int = TINY_VOCAB) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=None,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A copy of `model` with noise on every weight: a drafter that agrees with the target often, not always."""
+    torch.manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return out
+
+
+def greedy_reference(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding of one unpadded prompt: the ground truth for strict mode."""
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                  pad_token_id=0)
+    if model.config.is_encoder_decoder:
+        out = model.generate(ids, forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0,
+                             eos_token_id=None, **kwargs)
+        return out[0, 1:].tolist()
+    return model.generate(ids, **kwargs)[0, len(prompt):].tolist()
+
+
+def random_prompts(seed: int, count: int, low: int = 2, high: int = 40) -> list[list[int]]:
+    """Prompts of different lengths; each repeats a stretch of itself so the n-gram drafter finds matches."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in torch.randint(low, high, (count,), generator=g).tolist():
+        p = torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist()
+        out.append(p + p[: n // 2])
+    return out
