@@ -3,6 +3,9 @@ length k_j and the verification thresholds tau_t (DESIGN.md). Drafters and rules
 
     k_j   = clip(k_min + round(alpha * Cbar * (k_max - k_min)), k_min, k_max)   Cbar: mean C of the row's last draft
     tau_t = tau_base * C_t ** gamma
+
+SpecBound instead drafts up to k_max and stops before a token whose confidence is under a per-row bound; the bound
+falls by bound_step after a fully accepted draft and rises by it after a rejection.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ class Controller:
         self.drafts, self.adaptive = settings.drafts, settings.adaptive_k
         self.tau_on = settings.threshold_rule
         self.cbar = torch.full((batch,), float("nan"), device=device)  # [B] nan until a row has drafted
+        self.specbound = settings.specbound if settings.bounded else None
+        floor = self.specbound.bound if self.specbound else self.control.c_stop
+        self.floor = torch.full((batch,), floor, device=device)  # [B] drafting stops before C < floor
 
     def draft_lengths(self, budget: torch.Tensor) -> torch.Tensor:
         """budget: [B] the most drafted tokens a row can still use. Returns k: [B]."""
         c = self.control
         if not self.drafts:
             return torch.zeros_like(budget)
-        if self.adaptive:
+        if self.specbound:
+            k = torch.full_like(budget, c.k_max)
+        elif self.adaptive:
             k = (c.k_min + torch.round(c.alpha * self.cbar * (c.k_max - c.k_min))).nan_to_num(c.k_min)
             k = k.clamp(c.k_min, c.k_max).long()
         else:
@@ -33,8 +41,9 @@ class Controller:
         return torch.minimum(k, budget.clamp(min=0))
 
     def keep(self, c: torch.Tensor) -> torch.Tensor:
-        """c: [B] confidence of a candidate draft token. Drafting stops before a token with C < c_stop."""
-        return c >= self.control.c_stop
+        """c: [B] confidence of a candidate draft token. Drafting stops before a token with C < c_stop (or the
+        SpecBound bound)."""
+        return c >= self.floor
 
     def thresholds(self, c: torch.Tensor) -> torch.Tensor:
         """c: [B, K] confidence of the drafted tokens. Returns tau: [B, K] (0 where verification is strict)."""
@@ -42,10 +51,15 @@ class Controller:
             return torch.zeros_like(c)
         return self.control.tau_base * c.clamp(min=0) ** self.control.gamma
 
-    def observe(self, draft: Draft) -> None:
+    def observe(self, draft: Draft, accepted: torch.Tensor) -> None:
+        """draft: this iteration's draft; accepted: [B] how many of its tokens the target accepted."""
         drafted = draft.lengths > 0
         mean_c = draft.conf[..., 3].sum(1) / draft.lengths.clamp(min=1)
         self.cbar = torch.where(drafted, mean_c, self.cbar)
+        if self.specbound:
+            b = self.specbound
+            step = torch.where(accepted >= draft.lengths, -b.bound_step, b.bound_step)
+            self.floor = torch.where(drafted, self.floor + step, self.floor).clamp(b.bound_min, b.bound_max)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.cbar = self.cbar[rows]
+        self.cbar, self.floor = self.cbar[rows], self.floor[rows]

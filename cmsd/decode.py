@@ -15,8 +15,9 @@ import torch
 
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, Sampler
-from cmsd.kv import open_state
+from cmsd.kv import HoleyState, SyncState, open_state
 from cmsd.models import LoadedModel, ModelPair
+from cmsd.selfspec import SelfSpecPlan
 from cmsd.settings import DecodeSettings
 from cmsd.stats import TRACE_COLUMNS, DocStats
 from cmsd.verify import Rule, Verdict, verify
@@ -58,6 +59,10 @@ class Decoder:
         if pair.drafter == "self" and settings.method != "specbound":
             raise ValueError("drafter 'self' is SpecBound's self-drafter: use method 'specbound'")
         self.pair, self.settings = pair, settings
+        self.self_spec = SelfSpecPlan.make(pair.target, settings) if settings.method == "specbound" else None
+        if self.self_spec and self.self_spec.fallback:
+            settings = settings.with_(method="ar")  # calibration predicts a slowdown: plain AR (warned)
+            self.settings = settings
         self.rule = Rule(threshold=settings.control if settings.threshold_rule else None,
                          margin=settings.margin if settings.margin_rule else None)
         self.eos = _eos_ids(pair.target)
@@ -108,8 +113,7 @@ class Decoder:
         rows = [_Row(d, len(p), min(settings.max_new_tokens, self.pair.max_context - len(p)),
                      trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None) for d, p in zip(doc_ids, prompts)]
         capacity = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * settings.control.k_max + 8
-        target, pending = open_state(self.pair.target.model, prompts, capacity)  # 1. prefill
-        drafter = self._drafter(prompts, capacity, sampler)
+        target, pending, drafter = self._open(prompts, capacity, sampler)  # 1. prefill
         controller = Controller(settings, len(prompts), device)
         live = list(range(len(rows)))
         iteration = 0
@@ -127,7 +131,7 @@ class Decoder:
             target.commit(1 + verdict.accepted)  # 4. roll back what was rejected
             if drafter:
                 drafter.commit(verdict.accepted, verdict.next_token)
-            controller.observe(draft)  # 5. adapt
+            controller.observe(draft, verdict.accepted)  # 5. adapt
             pending = verdict.next_token
             self._record([rows[r] for r in live], draft, verdict, k, tau, iteration, started)
             iteration += 1
@@ -141,15 +145,22 @@ class Decoder:
                 live = [live[i] for i in stay]
         return self._finish(rows, time.perf_counter() - started)
 
-    def _drafter(self, prompts: list[list[int]], capacity: int, sampler: Sampler) -> Drafter | None:
-        settings, drafter = self.settings, self.pair.drafter
+    def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler
+              ) -> tuple[HoleyState | SyncState, torch.Tensor, Drafter | None]:
+        """Prefill the target (and a model drafter); returns the target state, the first token each row feeds,
+        and the drafter."""
+        settings, drafter, model = self.settings, self.pair.drafter, self.pair.target.model
+        if self.self_spec and settings.drafts:
+            return self.self_spec.open(model, prompts, capacity, settings.confidence, sampler)
+        target, first = open_state(model, prompts, capacity)
         if not settings.drafts:
-            return None
+            return target, first, None
         if isinstance(drafter, LoadedModel):
-            return ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
+            return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":
-            vocab = self.pair.target.model.config.get_text_config(decoder=True).vocab_size
-            return NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
+            vocab = model.config.get_text_config(decoder=True).vocab_size
+            ngram = NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
+            return target, first, ngram
         raise ValueError(f"unknown drafter {drafter!r}")
 
     def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,

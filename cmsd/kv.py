@@ -111,14 +111,19 @@ class HoleyState:
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """tokens, valid: [B, W]. Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
+        positions = self.append_slots(valid)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
+        return out.logits if logits else None
+
+    def append_slots(self, valid: torch.Tensor) -> torch.Tensor:
+        """Open W slots (valid: [B, W]); returns the positions [B, W] of their tokens."""
         rank = valid.long().cumsum(1)  # [B, W] 1-based rank of each valid token in its row
         positions = (self.pos[:, None] + rank - 1).clamp(min=0)
         self.mask = torch.cat([self.mask, valid.long()], dim=1)
         self.fresh = torch.cat([self.fresh, valid], dim=1)
         self.pos = self.pos + rank[:, -1]
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
-        return out.logits if logits else None
+        return positions
 
     @torch.inference_mode()
     def commit(self, keep: torch.Tensor) -> None:

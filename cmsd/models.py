@@ -33,7 +33,15 @@ class ModelError(ValueError):
 class LoadedModel:
     name: str
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
+    path: Path | None = None  # the local directory it was loaded from, if any
+
+    @property
+    def home(self) -> Path:
+        """Where files that belong beside the model go (SpecBound's calibration): its directory if it has one."""
+        if self.path is not None and os.access(self.path, os.W_OK):
+            return self.path
+        return cache_dir() / "models" / self.name.replace("/", "--")
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -141,7 +149,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     except (OSError, ValueError) as err:  # not found, not cached while offline, not a model
         raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
     model.to(device).eval()
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+    local = Path(path) if Path(path).is_dir() else None
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=local)
 
 
 def _locate(name: str) -> tuple[str, str | None]:

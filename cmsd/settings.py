@@ -93,6 +93,27 @@ class NgramSettings:
 
 
 @dataclass(frozen=True)
+class SpecBoundSettings:
+    """SpecBound's self-drafter: exit layer, its temperature, and the adaptive confidence bound."""
+
+    exit_layer: int = 0  # 0 = the calibrated choice, else half the layers
+    temperature: float = 0.0  # 0 = the calibrated temperature of the exit layer, else a default annealing
+    bound: float = 0.5  # drafting stops before a token whose calibrated exit probability is below the bound
+    bound_step: float = 0.05  # after a fully accepted draft the bound falls by this, after a rejection it rises
+    bound_min: float = 0.05
+    bound_max: float = 0.95
+    fallback: bool = True  # decode as AR (with a warning) when calibration predicts a slowdown
+
+    def __post_init__(self) -> None:
+        _check(self.exit_layer >= 0, f"specbound.exit_layer must be >= 0, got {self.exit_layer}")
+        _check(self.temperature >= 0, f"specbound.temperature must be >= 0, got {self.temperature}")
+        _check(0 <= self.bound_min <= self.bound <= self.bound_max <= 1,
+               f"specbound needs 0 <= bound_min <= bound <= bound_max <= 1, got {self.bound_min}, {self.bound}, "
+               f"{self.bound_max}")
+        _check(self.bound_step >= 0, f"specbound.bound_step must be >= 0, got {self.bound_step}")
+
+
+@dataclass(frozen=True)
 class DecodeSettings:
     """Everything one decode needs besides the models. `method` picks the ablation (DESIGN.md)."""
 
@@ -108,6 +129,7 @@ class DecodeSettings:
     control: ControlSettings = field(default_factory=ControlSettings)
     margin: MarginSettings = field(default_factory=MarginSettings)
     ngram: NgramSettings = field(default_factory=NgramSettings)
+    specbound: SpecBoundSettings = field(default_factory=SpecBoundSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -127,6 +149,11 @@ class DecodeSettings:
         return self.method in ("adaptive-k", "cmasd", "cmasd+margin")
 
     @property
+    def bounded(self) -> bool:
+        """SpecBound: draft up to k_max, stopping at the adaptive confidence bound."""
+        return self.method == "specbound"
+
+    @property
     def threshold_rule(self) -> bool:
         """CM-ASD's confidence-modulated threshold tau_t (only when verify is relaxed)."""
         return self.verify == "relaxed" and self.method in ("adaptive-tau", "cmasd", "cmasd+margin")
@@ -144,7 +171,7 @@ class DecodeSettings:
     def from_dict(cls, data: dict[str, Any]) -> DecodeSettings:
         """Build from a plain mapping (a YAML spec); unknown keys are an error naming the key."""
         nested = {"confidence": ConfidenceSettings, "control": ControlSettings, "margin": MarginSettings,
-                  "ngram": NgramSettings}
+                  "ngram": NgramSettings, "specbound": SpecBoundSettings}
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():

@@ -53,7 +53,7 @@ def test_controller_draft_length_and_thresholds() -> None:
     conf[0, :, 3] = 1.0
     conf[1, :, 3] = torch.tensor([0.5, 0.0])
     conf[2, :, 3] = 1.0
-    ctl.observe(Draft(torch.zeros(3, 2, dtype=torch.long), torch.tensor([2, 1, 2]), conf))
+    ctl.observe(Draft(torch.zeros(3, 2, dtype=torch.long), torch.tensor([2, 1, 2]), conf), torch.tensor([2, 0, 1]))
     # row 0: Cbar 1 -> k_max; row 1: Cbar 0.5 -> 1 + round(4) = 5; row 2: capped by its budget
     assert ctl.draft_lengths(budget).tolist() == [9, 5, 2]
     assert ctl.keep(torch.tensor([0.29, 0.3])).tolist() == [False, True]
