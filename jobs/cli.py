@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from jobs.errors import BadInput, JobFailed
+from jobs.calibrate import calibrate
 from jobs.k8s import k8s
 
 DEMO_SPEC = Path(__file__).parent / "data" / "demo.yaml"
@@ -166,6 +167,7 @@ def _finish(result: Any) -> None:
 
 
 main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s.py)
+main.add_command(calibrate)  # cmsd-jobs calibrate (jobs/calibrate.py): SpecBound's exit temperatures
 
 if __name__ == "__main__":
     main()
