@@ -7,6 +7,7 @@ the queue the same way. A shard's result file is its commit, so a shard decoded 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -103,8 +104,8 @@ class Scheduler:
         while self._idle and self._queue:
             worker, task = self._idle.pop(), self._queue.popleft()
             assert worker.info is not None
-            self.observer.shard_started(task, worker.info)
             self._calls[worker.handle.run_shard.remote(task)] = (worker, task)
+            self.observer.shard_started(task, worker.info)
 
     def _settle(self, ref: Any, worker: _Worker, task: ShardTask | None) -> None:
         try:
@@ -181,9 +182,16 @@ def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
                           decode=spec.decode, device=spec.models.device, dtype=spec.models.dtype,
                           threads=max(1, int(execution.cpus_per_actor)))
-    remote = ray.remote(ShardWorker).options(num_cpus=execution.cpus_per_actor, num_gpus=gpus,
-                                             scheduling_strategy="SPREAD", max_restarts=0, max_task_retries=0)
-    return lambda: remote.remote(config)
+    actor_class = ray.remote(ShardWorker)
+    options = {"num_cpus": execution.cpus_per_actor, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
+               "max_restarts": 0, "max_task_retries": 0}
+    numbers = itertools.count()
+    return lambda: actor_class.options(name=actor_name(spec, next(numbers)), **options).remote(config)
+
+
+def actor_name(spec: JobSpec, number: int) -> str:
+    """The n-th actor a driver starts for a job (as `ray list actors` shows it)."""
+    return f"cmsd-{spec.output.job_id}-{number}"
 
 
 def run_shards(spec: JobSpec, job_uri: str, tasks: list[ShardTask], observer: Observer) -> RunReport:

@@ -55,7 +55,7 @@ def check_rows(corpus: Corpus, render: Renderer, count_tokens: Counter, token_bu
     seen: dict[str, int] = {}
     for row in range(corpus.size):
         doc_id, reason = _id_of(corpus, row)
-        reason = reason or corpus.broken.get(row) or _duplicate(seen, doc_id, row) or _text_problem(corpus, row)
+        reason = corpus.broken.get(row) or reason or _duplicate(seen, doc_id, row) or _text_problem(corpus, row)
         if reason:
             bad.append(BadRow(row, doc_id, reason))
             continue

@@ -1,0 +1,76 @@
+"""The command line: fast help, and bad input reported with exit code 2 before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from tests.raytest import articles, write_jsonl
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_help_is_instant_and_loads_no_torch_or_ray() -> None:
+    code = "import sys, jobs.cli; print(sorted(m for m in ('torch', 'ray', 'cmsd', 'pyarrow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    for command in ("submit", "status", "resume", "report", "Exit codes"):
+        assert command in help_text
+    submit_help = CliRunner().invoke(main, ["submit", "--help"]).output
+    for flag in ("--corpus", "--method", "--verify", "--drafter", "--max-new-tokens", "--limit", "--set", "--demo"):
+        assert flag in submit_help
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", articles(4))
+
+
+def submit(tmp_path: Path, *args: str) -> tuple[int, str]:
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(main, ["submit", "--out", str(out), *args])
+    assert not out.exists(), "bad input must write nothing"
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--corpus", "missing.jsonl"], "cannot read corpus file"),
+    (["--source-field", "body"], "no field 'body'"),
+    (["--reference-field", "gold"], "no field 'gold'"),
+    (["--target", "nobody/no-such-model"], "cannot load model 'nobody/no-such-model'"),
+    (["--drafter", "/no/such/drafter"], "cannot load model '/no/such/drafter'"),
+    (["--method", "fast"], "method must be one of"),
+    (["--set", "decode.control.k_max=0"], "k_max"),
+    (["--set", "execution.colour=red"], "execution.colour"),
+    (["--method", "specbound"], "use drafter 'self'"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args: list[str], words: str, corpus: Path, tiny_target: Path,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, output = submit(tmp_path, "--corpus", str(corpus), "--target", str(tiny_target), *args)
+    assert code == 2, output
+    assert words in output
+
+
+def test_a_corpus_with_no_decodable_row_is_bad_input(tmp_path: Path, tiny_target: Path) -> None:
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"source": ""}, {"source": 3}])
+    code, output = submit(tmp_path, "--corpus", str(path), "--target", str(tiny_target))
+    assert code == 2 and "no row can be decoded (2 refused; first: row 0: empty 'source')" in output
+
+
+def test_spec_file_and_demo_together_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("corpus: {path: x.jsonl}\n")
+    code, output = submit(tmp_path, str(tmp_path / "job.yaml"), "--demo")
+    assert code == 2 and "not both" in output
+
+
+def test_status_of_a_directory_that_is_no_job(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a job directory" in result.output

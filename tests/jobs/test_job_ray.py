@@ -1,0 +1,223 @@
+"""Whole jobs on a real local Ray: bad rows, a killed worker, an interrupted driver, a second node.
+
+Every test checks the product's promise: every good row is in exactly one result file, refused rows are in
+the errors files, nothing is lost or written twice. The two-node test comes last in this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.driver import actor_name
+from jobs.errors import JobFailed
+from jobs.job import JobResult, load_job, resume, status, submit
+from jobs.manifest import unfinished
+from jobs.progress import LogProgress
+from jobs.reducer import reduce_job
+from jobs.spec import JobSpec
+from tests.raytest import articles, error_records, result_ids, write_jsonl
+from workers.protocol import ShardTask, WorkerInfo
+
+ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.ray
+
+
+def job_spec(corpus: Path, target: Path, out: Path, **execution: Any) -> JobSpec:
+    return JobSpec.from_dict({
+        "corpus": {"path": str(corpus)}, "models": {"target": str(target), "drafter": "ngram", "device": "cpu"},
+        "decode": {"method": "cmasd", "max_new_tokens": 12, "batch_size": 4},
+        "execution": {"actors": 2, "shards": 3, **execution}, "output": {"dir": str(out)}})
+
+
+def assert_each_once(job_dir: str, expected: list[str]) -> None:
+    counts = collections.Counter(result_ids(job_dir))
+    assert sorted(counts) == sorted(expected), "every good row is in the results"
+    assert set(counts.values()) == {1}, f"rows written twice: {[k for k, v in counts.items() if v > 1]}"
+
+
+class Recorder(LogProgress):
+    """The log lines, plus which shards started; `on_start` may act on the worker (kill it)."""
+
+    def __init__(self, on_start: Any = None) -> None:
+        super().__init__(0, 0, sys.stderr)
+        self.started: list[ShardTask] = []
+        self.on_start = on_start
+
+    def shard_started(self, task: ShardTask, worker: WorkerInfo) -> None:
+        super().shard_started(task, worker)
+        self.started.append(task)
+        if self.on_start:
+            self.on_start(task, worker)
+
+
+GOOD = articles(10)
+BAD = [{"id": "empty", "source": "  "}, {"id": "number", "source": 12345}, {"id": "nothing"},
+       {"id": "long", "source": "very long article " * 250, "reference": "r"}, {"id": "doc-003", "source": "dup"}]
+
+
+@pytest.fixture(scope="module")
+def bad_rows_job(tmp_path_factory: pytest.TempPathFactory, tiny_target: Path, ray_local: str) -> JobResult:
+    folder = tmp_path_factory.mktemp("bad-rows")
+    rows = GOOD[:3] + BAD[:2] + GOOD[3:7] + BAD[2:] + GOOD[7:]
+    corpus = write_jsonl(folder / "docs.jsonl", rows)
+    return submit(job_spec(corpus, tiny_target, folder / "runs"), observer=Recorder())
+
+
+def test_a_job_with_bad_rows_completes(bad_rows_job: JobResult) -> None:
+    job = Path(bad_rows_job.uri)
+    assert_each_once(bad_rows_job.uri, [r["id"] for r in GOOD])
+    errors = {e["id"]: e for e in error_records(job)}
+    assert sorted(errors) == ["doc-003", "empty", "long", "nothing", "number"]
+    assert errors["empty"]["reason"] == "empty 'source'" and errors["number"]["row"] == 4
+    assert errors["long"]["reason"].startswith("too long for the model")
+    assert errors["doc-003"]["reason"].startswith("duplicate id 'doc-003'")
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["docs"] == 10 and summary["errors"] == 5 and len(summary["per_shard"]) == 3
+    overall = summary["overall"]
+    assert overall["new_tokens"] == sum(s["new_tokens"] for s in summary["per_shard"]) == 10 * 12
+    assert overall["tokens_per_call"] == pytest.approx(overall["new_tokens"] / overall["target_calls"])
+    assert overall["rouge1"] is not None and overall["scored_docs"] == 10 and overall["bleu"] is None
+    assert overall["agreement_with_ar"] is None and overall["speedup_vs_ar"] is None
+    assert summary["run"]["sum_decode_s"] > 0 and summary["run"]["wall_s"] > 0
+
+
+def test_the_job_directory_holds_what_design_md_lists(bad_rows_job: JobResult) -> None:
+    job = Path(bad_rows_job.uri)
+    for name in ("spec.yaml", "manifest.json", "summary.json", "report.md", "report.html",
+                 "plots/throughput.png", "plots/k_histogram.png", "plots/confidence_acceptance.png"):
+        assert (job / name).is_file(), name
+    manifest = json.loads((job / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert pq.read_metadata(job / shard["result"]).num_rows == shard["rows"]
+        assert (job / shard["path"].replace("shards/", "traces/").replace(".arrow", ".parquet")).is_file()
+    assert manifest["models"]["target"]["fingerprint"] and manifest["code"]["ray"]
+    assert status(bad_rows_job.uri)["state"] == "done"
+    lengths = pq.read_table(job / "results" / "shard-00000.parquet").column("prompt_tokens").to_pylist()
+    assert lengths == sorted(lengths), "rows are sorted by length inside a shard"
+
+
+def test_the_reducer_refuses_a_row_written_twice_or_lost(bad_rows_job: JobResult, tmp_path: Path) -> None:
+    copy = tmp_path / "job"
+    shutil.copytree(bad_rows_job.uri, copy)
+    store, spec, manifest = load_job(str(copy))
+    first, second = (copy / "results" / f"shard-0000{i}.parquet" for i in (0, 1))
+    a, b = pq.read_table(first), pq.read_table(second)
+    pq.write_table(b.slice(0, b.num_rows - 1).append_column if False else
+                   __import__("pyarrow").concat_tables([b.slice(0, b.num_rows - 1), a.slice(0, 1)]), second)
+    with pytest.raises(JobFailed, match="does not match"):
+        reduce_job(store, manifest, spec, None)
+    first.unlink()
+    assert [e.index for e in unfinished(store, manifest)] == [0]
+    with pytest.raises(JobFailed, match="not done"):
+        reduce_job(store, manifest, spec, None)
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path: Path, tiny_target: Path,
+                                                          ray_local: str) -> None:
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(16))
+    killed: list[int] = []
+
+    def kill_once(task: ShardTask, worker: WorkerInfo) -> None:
+        if not killed and task.index == 1:
+            os.kill(worker.pid, signal.SIGKILL)  # the worker process dies with shard 1 in flight
+            killed.append(worker.pid)
+
+    spec = job_spec(corpus, tiny_target, tmp_path / "runs", shards=4).with_("decode", max_new_tokens=24)
+    result = submit(spec, observer=Recorder(kill_once))
+    assert killed
+    assert_each_once(result.uri, [r["id"] for r in articles(16)])
+    run = result.summary["run"]
+    assert run["actors_replaced"] >= 1 and run["retries"] >= 1 and not run["failed"]
+    attempts = pq.read_table(Path(result.uri) / "results" / "shard-00001.parquet").column("attempt").to_pylist()
+    assert set(attempts) == {2}
+
+
+def test_an_interrupted_job_resumes_only_the_unfinished_shards(tmp_path: Path, tiny_target: Path,
+                                                              ray_local: str) -> None:
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(32, words=40))
+    job = tmp_path / "runs" / "interrupted"
+    command = [sys.executable, "-m", "jobs", "submit", "--corpus", str(corpus), "--target", str(tiny_target),
+               "--out", str(tmp_path / "runs"), "--job-id", "interrupted", "--shards", "8", "--actors", "1",
+               "--max-new-tokens", "48", "--batch-size", "2", "--address", ray_local]
+    log = tmp_path / "driver.log"
+    with log.open("w") as sink:
+        driver = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(list((job / "results").glob("shard-*.parquet"))) >= 2, driver, log=log)
+    finally:
+        driver.kill()  # the driver dies; Ray kills its actors
+        driver.wait()
+    time.sleep(2)  # let an actor that was mid-write finish or die
+    left = status(str(job))["unfinished"]
+    assert 0 < len(left) < 8, "interrupted after some shards"
+    before = {p.name: p.stat().st_mtime_ns for p in (job / "results").glob("shard-*.parquet")}
+    recorder = Recorder()
+    result = resume(str(job), observer=recorder)
+    assert sorted(t.index for t in recorder.started) == left
+    assert result.summary["run"]["shards_run"] == left
+    for name, mtime in before.items():
+        assert (job / "results" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    assert_each_once(str(job), [r["id"] for r in articles(32)])
+
+
+def wait_for(condition: Any, process: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the process ended early: {log.read_text()[-3000:] if log else ''}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def second_node(ray_local: str) -> Any:
+    """A second Ray node process on this machine (`ray start --address`), removed afterwards."""
+    import ray
+
+    ray_cli = Path(sys.executable).parent / "ray"
+    node = subprocess.Popen([str(ray_cli), "start", f"--address={ray_local}", "--num-cpus=1", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, node, timeout=60)
+        yield node
+    finally:
+        node.send_signal(signal.SIGTERM)  # drains, then stops the node's own processes
+        try:
+            node.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        marker = Path("/tmp/ray/ray_current_cluster")  # `ray start` records the address; it was ours
+        if marker.is_file() and marker.read_text().strip() == ray_local:
+            marker.unlink()
+
+
+def test_a_job_spreads_its_shards_over_two_nodes(second_node: Any, tmp_path: Path, tiny_target: Path) -> None:
+    """Two actors, spread one per node; the first shard waits until both actors are up, so both get work."""
+    import ray
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(12))
+    spec = job_spec(corpus, tiny_target, tmp_path / "runs", shards=8).with_("output", job_id="two-nodes")
+
+    def wait_for_both_actors(task: ShardTask, worker: WorkerInfo) -> None:
+        if task.index == 0:
+            ray.get([ray.get_actor(actor_name(spec, n)).info.remote() for n in range(2)])
+
+    result = submit(spec, observer=Recorder(wait_for_both_actors))
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {w["node_id"] for w in result.summary["run"]["workers"]} == nodes and len(nodes) == 2
+    assert_each_once(result.uri, [r["id"] for r in articles(12)])
+    used = set(pq.read_table(Path(result.uri) / "results").column("node_id").to_pylist())
+    assert used == nodes
+    assert result.summary["nodes"] == sorted(nodes)

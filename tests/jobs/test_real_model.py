@@ -1,0 +1,31 @@
+"""End to end on the real offline model: the demo spec, cut to a few rows, through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+
+pytestmark = [pytest.mark.real_model, pytest.mark.ray]
+
+
+def test_the_demo_job_on_smollm2(tmp_path: Path, ray_local: str) -> None:
+    args = ["submit", "--demo", "--limit", "4", "--shards", "2", "--max-new-tokens", "16", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    job = Path(lines[-1])
+    assert job.parent == tmp_path and lines[-2] == f"report: {job}/report.md"
+    summary = json.loads((job / "summary.json").read_text())
+    overall = summary["overall"]
+    assert summary["docs"] == 4 and summary["target"] == "smollm2" and summary["drafter"] == "ngram"
+    assert 0 < overall["new_tokens"] <= 4 * 16 and overall["tokens_per_call"] >= 1
+    assert 0 <= overall["acceptance_rate"] <= 1 and overall["rougeL"] is not None
+    hypotheses = pq.read_table(job / "results", columns=["hypothesis"]).column("hypothesis").to_pylist()
+    assert len(hypotheses) == 4 and all(h.strip() for h in hypotheses)
+    assert (job / "report.html").is_file() and len(list((job / "plots").glob("*.png"))) == 3
