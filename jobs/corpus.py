@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,7 +89,7 @@ def _resolve(spec: CorpusSpec, raw: RawColumns) -> Corpus:
     source = pick(spec.source_field, spec.source_field, "--source-field")
     reference = pick(spec.reference_field, "reference", "--reference-field")
     id_field = pick(spec.id_field, "id", "--id-field")
-    resolved = CorpusSpec(**{**spec.__dict__, "reference_field": reference, "id_field": id_field})
+    resolved = replace(spec, reference_field=reference, id_field=id_field)
     assert source is not None
     return Corpus(origin=spec.path, spec=resolved, sources=raw.values[source],
                   references=raw.values[reference] if reference else None,

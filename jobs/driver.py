@@ -136,7 +136,8 @@ class Scheduler:
         if worker.info is None:  # it died while loading its models
             self._start_failures += 1
             if self._start_failures > self.retries:
-                raise JobFailed(f"worker actors fail to start ({self._start_failures} times): {_first_line(err)}")
+                raise JobFailed(f"worker actors fail to start ({self._start_failures} failed, "
+                               f"execution.retries={self.retries}): {_first_line(err)}")
         if self._queue:
             self._start_worker()
 
@@ -179,6 +180,11 @@ def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
     gpus = execution.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    have = ray.cluster_resources()
+    if execution.address is None and (have.get("CPU", 0) < execution.cpus_per_actor or have.get("GPU", 0) < gpus):
+        raise JobFailed(f"an actor needs {execution.cpus_per_actor} CPU and {gpus} GPU but this machine's Ray has "
+                        f"{have.get('CPU', 0)} CPU and {have.get('GPU', 0)} GPU: lower execution.cpus_per_actor "
+                        "or execution.gpus_per_actor")
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
                           decode=spec.decode, device=spec.models.device, dtype=spec.models.dtype,
                           threads=max(1, int(execution.cpus_per_actor)))

@@ -58,11 +58,15 @@ def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observ
           file=stream, flush=True)
     run = None
     if todo:
-        progress = make_progress(len(todo), sum(e.rows for e in todo), stream)
+        progress = make_progress(len(todo), sum(e.rows for e in todo), stream) if observer is None else None
         try:
             report = run_shards(spec, store.uri, [e.task() for e in todo], observer or progress)
+        except KeyboardInterrupt:
+            print(f"interrupted: finish the job with `cmsd-jobs resume {store.uri}`", file=stream, flush=True)
+            raise
         finally:
-            progress.close()
+            if progress:
+                progress.close()
         if report.failed:
             failed = ", ".join(f"shard {i}: {err}" for i, err in sorted(report.failed.items()))
             raise JobFailed(f"{len(report.failed)} shard(s) failed after {spec.execution.retries} retries "

@@ -129,9 +129,9 @@ class JobSpec:
         return cls(decode=decode, **parts)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: asdict(getattr(self, name)) for name in SECTIONS}
-        out["decode"] = self.decode.to_dict()
-        return {key: out[key] for key in ("corpus", "task", "prompt", "models", "decode", "execution", "output")}
+        """Every field of every section, in the spec's order (decode between models and execution)."""
+        return {f.name: self.decode.to_dict() if f.name == "decode" else asdict(getattr(self, f.name))
+                for f in fields(self)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

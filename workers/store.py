@@ -67,12 +67,6 @@ class JobStore:
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self._full(rel)).type != pafs.FileType.NotFound
 
-    def is_empty(self) -> bool:
-        info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.NotFound:
-            return True
-        return not self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-
     def list(self, folder: str) -> list[str]:
         """Names of the committed files in a folder (temporary files left out), sorted."""
         selector = pafs.FileSelector(self._full(folder), allow_not_found=True)
@@ -118,10 +112,6 @@ class JobStore:
             return None
         with self.fs.open_input_file(self._full(rel)) as handle:
             return pq.ParquetFile(handle).metadata.num_rows
-
-    def mtime_ns(self, rel: str) -> int | None:
-        info = self.fs.get_file_info(self._full(rel))
-        return info.mtime_ns if info.type == pafs.FileType.File else None
 
 
 def ipc_bytes(table: pa.Table) -> bytes:

@@ -144,6 +144,19 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path: Path, tiny_
     assert set(attempts) == {2}
 
 
+def test_actors_that_cannot_load_the_model_fail_the_job_with_a_reason(tmp_path: Path, tiny_target: Path,
+                                                                      ray_local: str) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_target, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # config and tokenizer fine: the driver's check passes
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(4))
+    spec = job_spec(corpus, broken, tmp_path / "runs", actors=1, retries=0)
+    with pytest.raises(JobFailed, match="worker actors fail to start"):
+        submit(spec, observer=Recorder())
+    [job] = (tmp_path / "runs").iterdir()
+    assert status(str(job))["unfinished"] == [0, 1, 2]
+
+
 def test_an_interrupted_job_resumes_only_the_unfinished_shards(tmp_path: Path, tiny_target: Path,
                                                               ray_local: str) -> None:
     corpus = write_jsonl(tmp_path / "docs.jsonl", articles(32, words=40))
