@@ -51,9 +51,10 @@ class RunReport:
     retries: int = 0  # shard attempts after a failure
     replaced: int = 0  # actors that died and were replaced
     wall_s: float = 0.0  # from the first actor requested to the last shard committed
+    ready_s: float = 0.0  # from the first actor requested until the last actor had loaded its models
 
     def to_dict(self) -> dict[str, Any]:
-        return {"wall_s": self.wall_s, "shards_run": sorted(o.index for o in self.outcomes),
+        return {"wall_s": self.wall_s, "actors_ready_s": self.ready_s, "shards_run": sorted(o.index for o in self.outcomes),
                 "retries": self.retries, "actors_replaced": self.replaced, "failed": self.failed,
                 "sum_decode_s": sum(o.decode_s for o in self.outcomes),
                 "workers": [{"pid": w.pid, "node_id": w.node_id, "device": w.device, "load_s": w.load_s}
@@ -76,9 +77,10 @@ class Scheduler:
         self._calls: dict[Any, tuple[_Worker, ShardTask | None]] = {}  # ObjectRef -> (worker, shard or info)
         self._idle: list[_Worker] = []
         self._start_failures = 0
+        self._start = 0.0
 
     def run(self, tasks: list[ShardTask]) -> RunReport:
-        start = time.perf_counter()
+        self._start = time.perf_counter()
         self._queue.extend(tasks)
         for _ in range(min(self.actors, len(tasks))):
             self._start_worker()
@@ -90,7 +92,7 @@ class Scheduler:
         finally:
             for worker in self._idle + [w for w, _ in self._calls.values()]:
                 ray.kill(worker.handle)
-        self.report.wall_s = time.perf_counter() - start
+        self.report.wall_s = time.perf_counter() - self._start
         return self.report
 
     def _shards_running(self) -> bool:
@@ -112,17 +114,18 @@ class Scheduler:
             value = ray.get(ref)
         except ACTOR_DEATHS as err:
             if task is not None:
-                self._retry(task, f"actor died: {_first_line(err)}")
+                self._retry(task, f"actor died: {_reason(err)}")
             self._replace(worker, err)
             return
         except RayTaskError as err:  # the decode raised; the actor is alive
             self._idle.append(worker)
             if task is not None:
-                self._retry(task, _first_line(err))
+                self._retry(task, _reason(err))
             return
         self._idle.append(worker)
         if task is None:
             worker.info = value
+            self.report.ready_s = time.perf_counter() - self._start
             self.report.workers.append(value)
             self.observer.actor_ready(value)
         else:
@@ -137,7 +140,7 @@ class Scheduler:
             self._start_failures += 1
             if self._start_failures > self.retries:
                 raise JobFailed(f"worker actors fail to start ({self._start_failures} failed, "
-                               f"execution.retries={self.retries}): {_first_line(err)}")
+                                f"execution.retries={self.retries}): {_reason(err)}")
         if self._queue:
             self._start_worker()
 
@@ -151,7 +154,8 @@ class Scheduler:
             self.report.failed[task.index] = error
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
+    """The last line of a Ray error: the remote exception's own message."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(err).__name__
 
