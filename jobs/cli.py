@@ -78,7 +78,8 @@ def main() -> None:
               "cmasd+margin or specbound.")
 @click.option("--verify", type=click.Choice(["strict", "relaxed"]),
               help="strict: output equals the target's (lossless); relaxed: the method's own acceptance rule.")
-@click.option("--out", metavar="DIR", help="Where job directories go: a path or a pyarrow filesystem URI.")
+@click.option("--out", metavar="DIR", help="Where job directories go: a path or a pyarrow filesystem URI "
+              "(s3://, gs://); on a cluster, one every node can reach.")
 @click.option("--job-id", metavar="ID", help="Name of the job directory (default: date-time-corpus-method).")
 @click.option("--shards", type=int, help="Number of shards (default: one per 64 rows, at least two per actor).")
 @click.option("--actors", type=int, help="Worker actors, each holding one drafter/target pair.")
