@@ -15,6 +15,7 @@ import click
 
 from jobs.errors import BadInput, JobFailed
 from jobs.calibrate import calibrate
+from jobs.eval import eval_command
 from jobs.k8s import k8s
 
 DEMO_SPEC = Path(__file__).parent / "data" / "demo.yaml"
@@ -169,6 +170,7 @@ def _finish(result: Any) -> None:
 
 main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s.py)
 main.add_command(calibrate)  # cmsd-jobs calibrate (jobs/calibrate.py): SpecBound's exit temperatures
+main.add_command(eval_command)  # cmsd-jobs eval (jobs/eval.py): the nightly evaluation and benchmark
 
 if __name__ == "__main__":
     main()
