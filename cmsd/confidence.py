@@ -15,15 +15,10 @@ import torch
 from cmsd.settings import ConfidenceSettings
 
 
-def confidence(logits: torch.Tensor, settings: ConfidenceSettings, vocab_size: int | None = None) -> torch.Tensor:
-    """logits: [..., V] drafter logits (-inf allowed). Returns [..., 4]: C_ent, C_margin, C_soft, C.
-
-    vocab_size: |V| when `logits` covers only the support of q (the n-gram drafter); default V.
-    """
-    if logits.shape[-1] == 1:  # a one-token support: pad with an impossible runner-up
-        logits = torch.nn.functional.pad(logits, (0, 1), value=float("-inf"))
+def confidence(logits: torch.Tensor, settings: ConfidenceSettings) -> torch.Tensor:
+    """logits: [..., V] drafter logits (-inf allowed). Returns [..., 4]: C_ent, C_margin, C_soft, C."""
     logits = logits.float()
-    vocab = vocab_size or logits.shape[-1]
+    vocab = logits.shape[-1]
     logq = torch.log_softmax(logits, dim=-1)
     q = logq.exp()
     entropy = -(q * logq.masked_fill(q == 0, 0.0)).sum(-1)

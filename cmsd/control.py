@@ -25,6 +25,7 @@ class Controller:
         self.specbound = settings.specbound if settings.bounded else None
         floor = self.specbound.bound if self.specbound else self.control.c_stop
         self.floor = torch.full((batch,), floor, device=device)  # [B] drafting stops before C < floor
+        self.begin_draft()
 
     def draft_lengths(self, budget: torch.Tensor) -> torch.Tensor:
         """budget: [B] the most drafted tokens a row can still use. Returns k: [B]."""
@@ -40,10 +41,15 @@ class Controller:
             k = torch.full_like(budget, c.k)
         return torch.minimum(k, budget.clamp(min=0))
 
+    def begin_draft(self) -> None:
+        self.chain = torch.ones_like(self.floor)  # [B] running product of C over the draft being built
+
     def keep(self, c: torch.Tensor) -> torch.Tensor:
-        """c: [B] confidence of a candidate draft token. Drafting stops before a token with C < c_stop (or the
-        SpecBound bound)."""
-        return c >= self.floor
+        """c: [B] confidence of the next candidate draft token (called once per draft step, in order). Drafting
+        stops before a token with C < c_stop (or the SpecBound bound), or where the running product of C, an
+        estimate of the chance that the whole draft is accepted, falls below chain_stop."""
+        self.chain = self.chain * c
+        return (c >= self.floor) & (self.chain >= self.control.chain_stop)
 
     def thresholds(self, c: torch.Tensor) -> torch.Tensor:
         """c: [B, K] confidence of the drafted tokens. Returns tau: [B, K] (0 where verification is strict)."""
@@ -62,4 +68,4 @@ class Controller:
             self.floor = torch.where(drafted, self.floor + step, self.floor).clamp(b.bound_min, b.bound_max)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.cbar, self.floor = self.cbar[rows], self.floor[rows]
+        self.cbar, self.floor, self.chain = self.cbar[rows], self.floor[rows], self.chain[rows]

@@ -120,6 +120,7 @@ class Decoder:
         while live:
             budget = torch.tensor([rows[r].budget - len(rows[r].tokens) - 1 for r in live], device=device)
             k = controller.draft_lengths(budget)  # 2. how far to draft
+            controller.begin_draft()
             draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)
             tokens = torch.cat([pending[:, None], draft.tokens], 1)  # 3. verify in one target pass
             valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),

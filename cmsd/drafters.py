@@ -152,10 +152,11 @@ class ModelDrafter(Drafter):
         self.fed_drafts, self.tokens = self.fed_drafts[rows], self.tokens[rows]
 
 
-def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.ndarray, np.ndarray] | None:
-    """The tokens that followed earlier occurrences of the longest matching suffix of `seq`, and their counts.
+def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The tokens that followed earlier occurrences of the longest matching suffix of `seq`, their counts, and
+    the length of that suffix.
 
-    seq: [L] token ids. Returns (tokens [n], counts [n]) ordered by count, ties to the most recent occurrence.
+    seq: [L] token ids. Returns (tokens [m], counts [m], n) ordered by count, ties to the most recent occurrence.
     """
     for n in range(min(settings.max_ngram, len(seq) - 1), settings.min_ngram - 1, -1):
         windows = sliding_window_view(seq[:-1], n)  # [L - n, n]: every earlier n-gram with a token after it
@@ -165,7 +166,7 @@ def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.nd
         following = seq[starts + n][::-1]  # most recent first
         tokens, first, counts = np.unique(following, return_index=True, return_counts=True)
         order = np.lexsort((first, -counts))
-        return tokens[order], counts[order]
+        return tokens[order], counts[order], n
     return None
 
 
@@ -180,32 +181,41 @@ class NgramDrafter(Drafter):
         self.drafts: list[list[int]] = [[] for _ in contexts]
 
     def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
-        width = int(k.max()) if len(k) else 0
-        buf = _DraftBuffer(len(k), width, self.device, keep_q=self.sampler.temperature > 0)
-        self.drafts = [self._draft_row(row, int(n), keep, buf) for row, n in enumerate(k.tolist())]
+        ks = k.tolist()
+        batch, width = len(ks), max(ks, default=0)
+        buf = _DraftBuffer(batch, width, self.device, keep_q=self.sampler.temperature > 0)
+        seqs = [np.asarray(seq + [0] * n, dtype=np.int64) for seq, n in zip(self.seqs, ks)]
+        ends = [len(seq) for seq in self.seqs]
+        self.drafts = [[] for _ in range(batch)]
+        active = [n > 0 for n in ks]
+        for j in range(width):  # one column at a time, so the controller sees every row's candidate together
+            logits = torch.full((batch, self.vocab_size), -1e4)  # rows without a candidate: no confidence
+            for row in (r for r in range(batch) if active[r]):
+                found = continuation_counts(seqs[row][:ends[row] + j], self.settings)
+                if found is None:
+                    active[row] = False
+                else:
+                    logits[row] = self._log_q(*found)
+            c = confidence(logits, self.conf_settings)
+            ok = torch.tensor(active) & keep(c[:, 3])
+            x = self.sampler.pick(logits)  # the most frequent continuation (greedy) or a sample of q
+            for row in ok.nonzero().squeeze(1).tolist():
+                seqs[row][ends[row] + j] = int(x[row])
+                self.drafts[row].append(int(x[row]))
+            buf.put(j, ok.to(self.device), x.to(self.device), c.to(self.device),
+                    self.sampler.probs(logits).to(self.device) if buf.keep_q else logits)
+            active = [a and bool(o) and j + 1 < n for a, o, n in zip(active, ok.tolist(), ks)]
+            if not any(active):
+                break
         return buf.draft()
 
-    def _draft_row(self, row: int, k: int, keep: Keep, buf: _DraftBuffer) -> list[int]:
-        seq = np.asarray(self.seqs[row] + [0] * k, dtype=np.int64)
-        end, drafted = len(self.seqs[row]), []
-        for j in range(k):
-            found = continuation_counts(seq[:end + j], self.settings)
-            if found is None:
-                break
-            tokens, counts = found
-            logits = torch.log(torch.as_tensor(counts, dtype=torch.float32))  # q = counts / sum(counts)
-            c = confidence(logits, self.conf_settings, vocab_size=self.vocab_size)
-            if not bool(keep(c[None, 3])[0]):
-                break
-            pick = int(self.sampler.pick(logits[None])[0])  # the most frequent (greedy) or a sample
-            seq[end + j] = tokens[pick]
-            drafted.append(int(tokens[pick]))
-            buf.tokens[row, j], buf.conf[row, j] = drafted[-1], c.to(buf.conf.device)
-            if buf.keep_q:
-                q = self.sampler.probs(logits).to(buf.conf.device)
-                buf.q_columns(self.vocab_size)[row, j, torch.as_tensor(tokens, device=q.device)] = q
-        buf.lengths[row] = len(drafted)
-        return drafted
+    def _log_q(self, tokens: np.ndarray, counts: np.ndarray, n: int) -> torch.Tensor:
+        """log q over the vocabulary: the continuation counts, trusted with weight n / (n + kappa) after an
+        n-token match (longer matches are accepted more often), mixed with a uniform rest."""
+        trust = n / (n + self.settings.kappa)
+        q = torch.full((self.vocab_size,), (1 - trust) / self.vocab_size)
+        q[torch.as_tensor(tokens)] += trust * torch.as_tensor(counts, dtype=torch.float32) / float(counts.sum())
+        return q.log()
 
     def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
         for seq, draft, a, t in zip(self.seqs, self.drafts, accepted.tolist(), next_token.tolist()):

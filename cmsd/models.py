@@ -139,7 +139,7 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     """Load a model and its tokenizer from "smollm2", a directory, a .gguf file or a hub name."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    path, gguf_file = _locate(name)
+    path, gguf_file = locate_model(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -153,7 +153,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, path=local)
 
 
-def _locate(name: str) -> tuple[str, str | None]:
+def locate_model(name: str) -> tuple[str, str | None]:
+    """Where a model name points: (a directory or hub name, the GGUF file name in it or None)."""
     if name == DEFAULT_TARGET:
         return str(smollm2_dir()), None
     path = Path(name).expanduser()

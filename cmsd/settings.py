@@ -51,6 +51,7 @@ class ControlSettings:
     k_max: int = 8
     alpha: float = 1.0  # k_j = clip(k_min + round(alpha * Cbar * (k_max - k_min)), k_min, k_max)
     c_stop: float = 0.0  # drafting stops before a token whose C < c_stop (0 = never)
+    chain_stop: float = 0.0  # ... or before the draft's running product of C falls below chain_stop (0 = never)
     tau_base: float = 0.3  # tau_t = tau_base * C_t ** gamma; 0 = strict
     gamma: float = 1.0
     beta: int = 5  # a drafted token must be among the target's top-beta
@@ -61,6 +62,7 @@ class ControlSettings:
         _check(self.k_max >= max(self.k_min, 1), f"control.k_max must be >= max(k_min, 1), got {self.k_max}")
         _check(self.alpha >= 0, f"control.alpha must be >= 0, got {self.alpha}")
         _check(0 <= self.c_stop <= 1, f"control.c_stop must be in [0, 1], got {self.c_stop}")
+        _check(0 <= self.chain_stop <= 1, f"control.chain_stop must be in [0, 1], got {self.chain_stop}")
         _check(0 <= self.tau_base <= 1, f"control.tau_base must be in [0, 1], got {self.tau_base}")
         _check(self.gamma >= 0, f"control.gamma must be >= 0, got {self.gamma}")
         _check(self.beta >= 1, f"control.beta must be >= 1, got {self.beta}")
@@ -82,14 +84,16 @@ class MarginSettings:
 class NgramSettings:
     """The prompt-lookup drafter: continuation counts of the longest matching suffix."""
 
-    max_ngram: int = 4  # longest suffix looked up
+    max_ngram: int = 8  # longest suffix looked up
     min_ngram: int = 1  # shortest suffix looked up
     min_count: int = 1  # fewer matches than this: no draft
+    kappa: float = 1.5  # continuations after an n-token match get weight n / (n + kappa) in q; the rest is uniform
 
     def __post_init__(self) -> None:
         _check(self.min_ngram >= 1, f"ngram.min_ngram must be >= 1, got {self.min_ngram}")
         _check(self.max_ngram >= self.min_ngram, f"ngram.max_ngram must be >= min_ngram, got {self.max_ngram}")
         _check(self.min_count >= 1, f"ngram.min_count must be >= 1, got {self.min_count}")
+        _check(self.kappa >= 0, f"ngram.kappa must be >= 0, got {self.kappa}")
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ def _inspect(name: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from cmsd import LoadedModel, ModelError
-    from cmsd.models import _locate  # cmsd's name resolution ("smollm2", directory, .gguf file, hub name)
+    from cmsd.models import locate_model  # cmsd's name resolution ("smollm2", directory, .gguf file, hub name)
 
-    path, gguf_file = _locate(name)
+    path, gguf_file = locate_model(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)

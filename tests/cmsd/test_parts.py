@@ -37,11 +37,18 @@ def test_confidence_values_and_bounds() -> None:
     assert math.isclose(float(only_entropy[3]), c_ent, rel_tol=1e-6)
 
 
-def test_confidence_on_a_sparse_support_uses_the_full_vocabulary() -> None:
-    single = confidence(torch.tensor([0.0]), ConfidenceSettings(), vocab_size=1000)
-    assert torch.allclose(single, torch.ones(4))  # one continuation seen: sure
-    two = confidence(torch.log(torch.tensor([3.0, 1.0])), ConfidenceSettings(), vocab_size=1000)
-    assert math.isclose(float(two[2]), 0.5, rel_tol=1e-6)  # q = (0.75, 0.25)
+def test_ngram_q_trusts_longer_matches_more() -> None:
+    from cmsd.drafters import NgramDrafter, Sampler
+
+    drafter = NgramDrafter([[1, 2]], 100, NgramSettings(kappa=1.5), ConfidenceSettings(mode="softmax"), Sampler(),
+                           torch.device("cpu"))
+    short = drafter._log_q(np.array([7]), np.array([1]), 1).exp()
+    long = drafter._log_q(np.array([7, 8]), np.array([9, 1]), 6).exp()
+    assert math.isclose(float(short.sum()), 1.0, rel_tol=1e-5) and math.isclose(float(long.sum()), 1.0, rel_tol=1e-5)
+    assert math.isclose(float(short[7]), 1 / 2.5 + 0.6 / 100, rel_tol=1e-5)
+    c_short = confidence(short.log(), ConfidenceSettings(mode="softmax"))[3]
+    c_long = confidence(long.log(), ConfidenceSettings(mode="softmax"))[3]
+    assert c_long > c_short
 
 
 def test_controller_draft_length_and_thresholds() -> None:
@@ -56,9 +63,16 @@ def test_controller_draft_length_and_thresholds() -> None:
     ctl.observe(Draft(torch.zeros(3, 2, dtype=torch.long), torch.tensor([2, 1, 2]), conf), torch.tensor([2, 0, 1]))
     # row 0: Cbar 1 -> k_max; row 1: Cbar 0.5 -> 1 + round(4) = 5; row 2: capped by its budget
     assert ctl.draft_lengths(budget).tolist() == [9, 5, 2]
-    assert ctl.keep(torch.tensor([0.29, 0.3])).tolist() == [False, True]
+    ctl.begin_draft()
+    assert ctl.keep(torch.tensor([0.29, 0.3, 0.9])).tolist() == [False, True, True]
     tau = ctl.thresholds(torch.tensor([[0.5, 1.0]]))
     assert torch.allclose(tau, torch.tensor([[0.1, 0.4]]))
+    chained = Controller(DecodeSettings(method="cmasd", control=ControlSettings(chain_stop=0.5)), 2,
+                         torch.device("cpu"))
+    assert chained.keep(torch.tensor([0.9, 0.6])).tolist() == [True, True]
+    assert chained.keep(torch.tensor([0.9, 0.6])).tolist() == [True, False]  # 0.81 stays, 0.36 < 0.5 stops
+    chained.begin_draft()
+    assert chained.keep(torch.tensor([0.4, 0.6])).tolist() == [False, True]
     strict = Controller(DecodeSettings(method="cmasd", verify="strict"), 1, torch.device("cpu"))
     assert strict.thresholds(torch.tensor([[0.9]])).tolist() == [[0.0]]
     fixed = Controller(DecodeSettings(method="specdec", control=ControlSettings(k=6)), 1, torch.device("cpu"))
@@ -68,10 +82,10 @@ def test_controller_draft_length_and_thresholds() -> None:
 def test_continuation_counts_prefers_longest_suffix_then_count_then_recency() -> None:
     s = NgramSettings(max_ngram=3, min_ngram=1)
     seq = np.array([5, 6, 7, 5, 6, 8, 5, 6, 7, 9, 5, 6])
-    tokens, counts = continuation_counts(seq, s)  # 3-gram [9, 5, 6] is new; 2-gram [5, 6] -> 7, 8, 7
-    assert tokens.tolist() == [7, 8] and counts.tolist() == [2, 1]
+    tokens, counts, n = continuation_counts(seq, s)  # 3-gram [9, 5, 6] is new; 2-gram [5, 6] -> 7, 8, 7
+    assert tokens.tolist() == [7, 8] and counts.tolist() == [2, 1] and n == 2
     assert continuation_counts(np.array([1, 2, 3, 4]), s) is None  # nothing repeats
-    tokens, _ = continuation_counts(np.array([4, 1, 4, 2, 4]), NgramSettings(max_ngram=1))
+    tokens, _, _ = continuation_counts(np.array([4, 1, 4, 2, 4]), NgramSettings(max_ngram=1))
     assert tokens.tolist() == [2, 1]  # tie: the most recent occurrence first
     assert continuation_counts(np.array([4, 1, 4]), NgramSettings(min_count=2)) is None
 
