@@ -14,11 +14,12 @@ import click
 @click.argument("suite_file", type=click.Path(dir_okay=False))
 @click.option("--history", "history_dir", metavar="DIR",
               help="The history (one Parquet file per run) to compare with and append to [default: OUT/history].")
-@click.option("--out", "out_dir", metavar="DIR", default="eval-runs",
-              help="Each run writes OUT/<run id>/: report.md, report.html, plots/, summary.json, results.")
+@click.option("--out", "out_dir", metavar="DIR",
+              help="Each run writes OUT/<run id>/: report.md, report.html, plots/, summary.json, results "
+                   "[default: beside the history, HISTORY/../eval, else ./eval-runs].")
 @click.option("--address", metavar="ADDR", help="Time on a Ray cluster (auto or ray://host:10001) instead of "
               "in this process; the suite's execution.actors share the documents.")
-def eval_command(suite_file: str, history_dir: str | None, out_dir: str, address: str | None) -> None:
+def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, address: str | None) -> None:
     """Time every method of SUITE_FILE and its peers side by side on the same documents, sweep the settings,
     check calibration and quality, compare with the history, and write the report.
 

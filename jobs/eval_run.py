@@ -32,16 +32,18 @@ from jobs.manifest import code_versions
 from jobs.models import check_models
 
 MACHINE_KEYS = ("platform", "machine", "python", "cpu_count", "torch", "transformers", "device", "gpu", "threads",
-                "dtype")
+                "dtype", "load_avg_before", "load_avg_after")
 
 
-def run_eval(suite_file: str, out: str, history: str | None, address: str | None) -> tuple[RunRecord, Path]:
-    """Run the suite; returns the run's record and its directory. Raises BadInput (exit 2) before writing."""
+def run_eval(suite_file: str, out: str | None, history: str | None, address: str | None) -> tuple[RunRecord, Path]:
+    """Run the suite; returns the run's record and its directory. Raises BadInput (exit 2) before writing.
+    out: where run directories go (None: beside the history, else ./eval-runs); history: None = OUT/history."""
     start = time.perf_counter()
     suite, docs = check_inputs(suite_file, address)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{suite.name}"
-    out_dir, history_dir = Path(out) / run_id, Path(history) if history else Path(out) / "history"
+    root = Path(out) if out else Path(history).parent / "eval" if history else Path("eval-runs")
+    out_dir, history_dir = root / run_id, Path(history) if history else root / "history"
     out_dir.mkdir(parents=True, exist_ok=False)
     stderr_log(f"eval {suite.name}: {len(docs.test)} documents, {len(docs.validation)} validation; writing {out_dir}")
     timing = measure_on_ray if suite.execution.uses_ray else measure
