@@ -50,7 +50,7 @@ def stderr_log(text: str) -> None:
 
 def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], log: Log = stderr_log) -> Measurements:
     """Load the models once, then time every runner on `test` (and the sweep on `validation`)."""
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     pair = load_models(suite)
     load_s = time.perf_counter() - start
     log(f"models loaded in {load_s:.1f}s on {pair.device}")
@@ -66,7 +66,8 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
         ar = next(r for r in runners if r.name == suite.ar.name)
         outputs += round_robin([ar, *sweep], chunks(validation, 1), "sweep", tokenizer, log)
     info = {r.name: r.info for r in [*runners, *sweep]}
-    return Measurements(outputs, info, skipped, machine_info(pair, suite), load_s, time.perf_counter() - start - load_s)
+    machine = {**machine_info(pair), "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
+    return Measurements(outputs, info, skipped, machine, load_s, time.perf_counter() - start - load_s)
 
 
 def load_models(suite: Suite) -> Any:
@@ -161,7 +162,7 @@ def _ranks(docs: list[Doc]) -> dict[str, int]:
     return out
 
 
-def machine_info(pair: Any, suite: Suite) -> dict[str, Any]:
+def machine_info(pair: Any) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -177,16 +178,19 @@ def measure_on_ray(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, .
     """execution.actors Ray tasks, each timing every method on its share of the documents."""
     import ray
 
+    from jobs.driver import ray_connection  # the job system's: join `address`, or start a local Ray
+    from jobs.spec import ExecutionSpec as JobExecution
+
     ex = suite.execution
-    if not ray.is_initialized():
-        ray.init(address=ex.address, include_dashboard=False, logging_level="WARNING")
-    gpus = ex.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=ex.cpus_per_actor, num_gpus=gpus, max_retries=0)(measure)
-    n = min(ex.actors, len(test))
-    log(f"timing on Ray ({ray.get_runtime_context().gcs_address}): {n} actor(s), {gpus} GPU each")
-    parts = ray.get([task.remote(suite, test[i::n], validation[i::n]) for i in range(n)])
+    with ray_connection(JobExecution(address=ex.address)):
+        gpus = ex.gpus_per_actor
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=ex.cpus_per_actor, num_gpus=gpus, max_retries=0)(measure)
+        n = min(ex.actors, len(test))
+        log(f"timing on Ray ({ray.get_runtime_context().gcs_address}): {n} task(s), {gpus} GPU each; "
+            "their progress is in the Ray workers' logs")
+        parts = ray.get([task.remote(suite, test[i::n], validation[i::n]) for i in range(n)])
     out = Measurements()
     for part in parts:
         out = out.merge(part)

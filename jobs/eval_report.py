@@ -168,7 +168,8 @@ def header_blocks(rec: RunRecord) -> list[Block]:
              f"documents: {counts} (validation: {len(rec.docs.validation)}); max_new_tokens "
              f"{s.base.max_new_tokens}; batched setting: batch {s.batch_size}",
              f"wall time: {rec.wall_s:.0f} s in all; models loaded in {rec.meas.load_s:.1f} s (not timed); "
-             f"measuring {rec.meas.measure_s:.0f} s"]
+             f"measuring {rec.meas.measure_s:.0f} s; load average {fmt(m.get('load_avg_before'))} before, "
+             f"{fmt(m.get('load_avg_after'))} after (other work on the machine slows every method alike)"]
     return [("h1", f"Evaluation: {s.name}"), ("list", lines)]
 
 
