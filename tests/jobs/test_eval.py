@@ -149,6 +149,34 @@ def test_planted_regression_in_the_history_exits_1_naming_it(tmp_path: Path, cor
     assert "1 regression(s)" in (run_dir(second) / "report.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def tiny_drafter(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drafter model sharing the tiny target's tokenizer: the target with noise on every weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny import perturbed
+
+    folder = tmp_path_factory.mktemp("tiny-drafter")
+    perturbed(AutoModelForCausalLM.from_pretrained(tiny_target), 0.02, seed=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_target).save_pretrained(folder)
+    return folder
+
+
+def test_eval_with_a_drafter_model_runs_assisted_generation(tmp_path: Path, corpora: dict[str, Path],
+                                                            tiny_target: Path, tiny_drafter: Path) -> None:
+    suite = tiny_suite(corpora, tiny_target, methods=["ar", "cmasd"], batch_size=1,
+                       models={"target": str(tiny_target), "drafter": str(tiny_drafter), "device": "cpu"},
+                       peers=["assisted", {"kind": "assisted", "name": "hf-assisted-ct0.2",
+                                           "assistant_confidence_threshold": 0.2, "num_assistant_tokens": 4}])
+    result, _ = run_eval(tmp_path, suite)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir(result) / "summary.json").read_text())
+    overall = {r["method"]: r for r in summary["rows"] if r["scope"] == "all"}
+    for name in ("cmasd", "hf-assisted", "hf-assisted-ct0.2"):  # all lossless against the target's greedy output
+        assert overall[name]["agreement_with_ar"] == 1.0 and overall[name]["acceptance_rate"] is not None
+    assert set(summary["skipped"]) == set()
+
+
 @pytest.mark.ray
 def test_eval_on_ray_actors_shares_the_documents(tmp_path: Path, corpora: dict[str, Path], tiny_target: Path,
                                                 ray_local: str) -> None:
