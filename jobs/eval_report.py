@@ -25,10 +25,12 @@ SPEED_COLUMNS = ("new_tokens", "decode_s", "tokens_per_s", "target_calls", "toke
 PROTOCOL = ("Every method and peer decodes the same token ids on the same machine in one process, models loaded "
             "once and not timed. Each runner first decodes a few tokens untimed (warm-up). Then, for each document "
             "(batch 1) or group of documents (batched setting), every runner decodes it in turn, the order rotating "
-            "by one each time, so that machine drift hits all alike. decode_s is the wall time of each call, shared "
-            "among its documents by new tokens; speedup_vs_ar compares sums over the same documents. Peers' "
-            "counts come from a hook on the target's forward calls: rollback_rate is not visible from outside "
-            "(n/a); greedy decoding drafts nothing (n/a).")
+            "by one each time, so that machine drift hits all alike. A unit where some runner's time relative to "
+            "AR's is off from its usual ratio by more than execution.retime_factor (a burst of other work) is timed "
+            "again, at most a quarter of the units, each runner keeping its faster time. decode_s is the wall time "
+            "of each call, shared among its documents by new tokens; speedup_vs_ar compares sums over the same "
+            "documents. Peers' counts come from a hook on the target's forward calls: rollback_rate is not visible "
+            "from outside (n/a); greedy decoding drafts nothing (n/a).")
 
 
 @dataclass
@@ -197,6 +199,7 @@ def build(rec: RunRecord, plots: dict[str, str]) -> list[Block]:
                *sweep_blocks(rec, plots.get("pareto")), ("h2", "Trend"), trend_table(rec), ("img", plots["trend"])]
     skipped = [f"{name}: {why}" for name, why in rec.meas.skipped.items()]
     skipped += [f"{name} ran, but {info.note}" for name, info in rec.meas.info.items() if info.note]
+    skipped += [f"timed again, each runner keeping its faster time: {unit}" for unit in rec.meas.retimed]
     blocks += [("h2", "Skipped or changed"), ("list", skipped or ["nothing"]), ("h2", "How this was measured"),
                ("p", PROTOCOL)]
     return blocks + ([("h2", "Notes"), ("list", list(rec.docs.notes))] if rec.docs.notes else [])

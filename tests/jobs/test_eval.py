@@ -22,6 +22,7 @@ from cmsd.stats import DocStats
 from jobs.cli import main
 from jobs.eval_calibration import binned, judged
 from jobs.eval_history import regressions
+from jobs.eval_measure import RoundRobin
 from jobs.eval_metrics import agreement, rouge_paired, sacrebleu_paired
 from jobs.eval_runners import Output
 from jobs.eval_suite import MAX_GRID, load_suite, suite_from_dict
@@ -210,6 +211,14 @@ def test_floors_and_previous_run_name_each_regression(tmp_path: Path, corpora: d
     assert found[1].startswith("cmasd [batch-1, mt]: bleu 28 is 2.00 points below AR's")
     assert found[2].startswith("specdec [batch-1, all]: speedup_vs_ar 0.9 < floor min_speedup 1")
     assert found[3].startswith("specdec [batch-1, all]: tokens_per_call 2 < 2.425: was 2.5 in run before")
+
+
+def test_a_unit_disturbed_by_other_work_is_timed_again() -> None:
+    timer = RoundRobin([], "batch-1", None, lambda text: None, "ar", retime_factor=2.0)
+    walls = {"ar": [1.0, 2.0, 1.0, 1.5, 1.0], "fast": [0.5, 1.0, 2.5, 0.75, 0.5], "slow": [2.0, 4.0, 2.0, 3.0, 2.1]}
+    results = [{name: ([], values[u]) for name, values in walls.items()} for u in range(5)]
+    assert [(u, round(f, 1)) for u, f in timer._disturbed(results)] == [(2, 5.0)]  # "fast" was 5x off there
+    assert RoundRobin([], "b", None, print, "ar", retime_factor=0)._disturbed(results) == []
 
 
 def test_pareto_front_and_choice() -> None:
