@@ -89,7 +89,10 @@ class _DraftBuffer:
         return self.q
 
     def draft(self) -> Draft:
-        return Draft(self.tokens, self.lengths, self.conf, self.q)
+        """The draft, cut to its longest row: columns no row filled would cost verification for nothing."""
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        q = self.q[:, :width] if self.q is not None else None
+        return Draft(self.tokens[:, :width], self.lengths, self.conf[:, :width], q)
 
 
 class ModelDrafter(Drafter):

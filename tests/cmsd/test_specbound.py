@@ -87,3 +87,15 @@ def test_specbound_refuses_models_it_cannot_split() -> None:
         Decoder(ModelPair(LoadedModel("bart", tiny_bart(), None), "self"), DecodeSettings(method="specbound"))
     with pytest.raises(ValueError, match="use drafter 'self'"):
         Decoder(ModelPair(LoadedModel("t", tiny_llama(), None), "ngram"), DecodeSettings(method="specbound"))
+
+
+def test_specbound_with_a_bound_that_stops_drafts_early(tmp_path, monkeypatch) -> None:
+    """Drafts shorter than k_max (the bound stops them) must verify exactly the drafted tokens."""
+    monkeypatch.setenv("CMSD_CACHE", str(tmp_path))
+    target = tiny_llama(seed=11, layers=4)
+    prompts = random_prompts(11, 5)
+    settings = DecodeSettings(method="specbound", max_new_tokens=NEW, batch_size=3, control=ControlSettings(k_max=8),
+                              specbound=SpecBoundSettings(exit_layer=3, temperature=0.05, bound=0.4, bound_min=0.3))
+    gens = Decoder(ModelPair(LoadedModel("tiny", target, None), "self"), settings).generate_ids(prompts)
+    assert [g.token_ids for g in gens] == [greedy_reference(target, p, NEW) for p in prompts]
+    assert 0 < sum(g.stats.drafted for g in gens) < 8 * sum(g.stats.iterations for g in gens)
