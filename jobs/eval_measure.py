@@ -42,12 +42,19 @@ class Measurements:
     load_s: float = 0.0
     measure_s: float = 0.0
     retimed: list[str] = field(default_factory=list)  # units timed again (a burst of other work on the machine)
+    loads: list[float] = field(default_factory=list)  # 1-minute load average after each timed unit
 
     def merge(self, other: Measurements) -> Measurements:
         return Measurements(self.outputs + other.outputs, {**self.info, **other.info},
                             {**self.skipped, **other.skipped}, self.machine or other.machine,
                             max(self.load_s, other.load_s), max(self.measure_s, other.measure_s),
-                            self.retimed + other.retimed)
+                            self.retimed + other.retimed, self.loads + other.loads)
+
+    @property
+    def busy(self) -> float:
+        """Mean load average per CPU while timing (about threads / CPUs when nothing else runs)."""
+        cpus = self.machine.get("cpu_count") or 1
+        return sum(self.loads) / len(self.loads) / cpus if self.loads else 0.0
 
 
 def stderr_log(text: str) -> None:
@@ -56,7 +63,7 @@ def stderr_log(text: str) -> None:
 
 def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], log: Log = stderr_log) -> Measurements:
     """Load the models once, then time every runner on `test` (and the sweep on `validation`)."""
-    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    start = time.perf_counter()
     pair = load_models(suite)
     load_s = time.perf_counter() - start
     log(f"models loaded in {load_s:.1f}s on {pair.device}")
@@ -69,14 +76,15 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
     sweep = sweep_runners(suite, pair) if suite.sweep and validation else []
     if sweep:
         passes.append(([next(r for r in runners if r.name == suite.ar.name), *sweep], chunks(validation, 1), "sweep"))
-    outputs, retimed = [], []
+    outputs, retimed, loads = [], [], []
     for group, units, setting in passes:
         timer = RoundRobin(group, setting, pair.tokenizer, log, suite.ar.name, suite.execution.retime_factor)
         outputs += timer.run(units)
-        retimed += timer.retimed
+        retimed, loads = retimed + timer.retimed, loads + timer.loads
     info = {r.name: r.info for r in [*runners, *sweep]}
-    machine = {**machine_info(pair), "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
-    return Measurements(outputs, info, skipped, machine, load_s, time.perf_counter() - start - load_s, retimed)
+    machine = {**machine_info(pair), "load_avg_mean": sum(loads) / len(loads), "load_avg_max": max(loads)}
+    return Measurements(outputs, info, skipped, machine, load_s, time.perf_counter() - start - load_s, retimed,
+                        loads)
 
 
 def load_models(suite: Suite) -> Any:
@@ -159,6 +167,7 @@ class RoundRobin:
         self.runners, self.setting, self.tokenizer, self.log = runners, setting, tokenizer, log
         self.baseline, self.retime_factor = baseline, retime_factor
         self.retimed: list[str] = []
+        self.loads: list[float] = []  # the 1-minute load average after each unit
 
     def run(self, units: list[list[Doc]]) -> list[Output]:
         rank = _ranks([d for unit in units for d in unit])
@@ -166,6 +175,7 @@ class RoundRobin:
         results = []
         for u, unit in enumerate(units):
             results.append(self._unit(unit, u, rank))
+            self.loads.append(os.getloadavg()[0])
             self.log(f"[{time.perf_counter() - started:7.1f}s] {self.setting} {u + 1}/{len(units)} "
                      f"({len(unit)} docs): " + ", ".join(f"{n} {w:.1f}s" for n, (_, w) in results[-1].items()))
         for u, factor in self._disturbed(results):

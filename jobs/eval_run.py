@@ -32,7 +32,7 @@ from jobs.manifest import code_versions
 from jobs.models import check_models
 
 MACHINE_KEYS = ("platform", "machine", "python", "cpu_count", "torch", "transformers", "device", "gpu", "threads",
-                "dtype", "load_avg_before", "load_avg_after")
+                "dtype", "load_avg_mean", "load_avg_max")
 
 
 def run_eval(suite_file: str, out: str | None, history: str | None, address: str | None) -> tuple[RunRecord, Path]:
@@ -53,7 +53,10 @@ def run_eval(suite_file: str, out: str | None, history: str | None, address: str
     past = read_history(history_dir)
     previous = previous_run(past, suite.name, rec.key, run_id)
     rec.previous_id = previous[0]["run_id"] if previous else None
-    rec.regressions = regressions(rec.rows, previous, suite)
+    found = regressions(rec.rows, previous, suite)
+    busy = suite.execution.busy_load > 0 and meas.busy > suite.execution.busy_load
+    rec.regressions = [r for r in found if not (busy and r.timing)]
+    rec.warnings = [r for r in found if busy and r.timing]
     mine = history_rows(rec)
     append_history(history_dir, run_id, mine)
     rec.history = [r for r in past if r.get("suite") == suite.name] + mine
@@ -107,7 +110,8 @@ def write_outputs(rec: RunRecord, out_dir: Path) -> None:
     summary = {"run_id": rec.run_id, "suite": rec.suite.name, "started": rec.started, "code": rec.code,
                "machine": rec.meas.machine, "wall_s": rec.wall_s, "load_s": rec.meas.load_s,
                "measure_s": rec.meas.measure_s, "previous_run": rec.previous_id, "skipped": rec.meas.skipped,
-               "regressions": [r.message() for r in rec.regressions], "rows": rec.rows,
+               "regressions": [r.message() for r in rec.regressions],
+               "warnings": [r.message() for r in rec.warnings], "rows": rec.rows,
                "chosen_settings": rec.chosen_path, "notes": list(rec.docs.notes)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     pq.write_table(results_table(rec.meas), out_dir / "results.parquet")

@@ -150,6 +150,16 @@ def test_planted_regression_in_the_history_exits_1_naming_it(tmp_path: Path, cor
     assert "1 regression(s)" in (run_dir(second) / "report.md").read_text()
 
 
+def test_timing_checks_only_warn_on_a_busy_machine(tmp_path: Path, corpora: dict[str, Path],
+                                                   tiny_target: Path) -> None:
+    suite = tiny_suite(corpora, tiny_target, batch_size=1, peers=[], methods=["ar", "cmasd"],
+                       floors={"min_speedup": 100.0}, execution={"busy_load": 1e-9})
+    result, _ = run_eval(tmp_path, suite)
+    assert result.exit_code == 0, result.output
+    assert "WARNING (busy machine) cmasd [batch-1, all]: speedup_vs_ar" in result.output
+    assert "REGRESSION" not in result.output
+
+
 @pytest.fixture(scope="module")
 def tiny_drafter(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A drafter model sharing the tiny target's tokenizer: the target with noise on every weight."""
