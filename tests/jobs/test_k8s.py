@@ -324,8 +324,8 @@ def test_nightly_runs_the_evaluation_with_history() -> None:
     assert entry[entry.index("--address") + 1] == "auto"  # else eval starts a Ray of its own in the head pod
     cli = pytest.importorskip("jobs.cli")
     if "eval" in cli.main.commands:  # the command's options, once it exists (issue 4)
-        options = {p.name for p in cli.main.commands["eval"].params}
-        assert {"history", "address"} <= options, options
+        options = {opt for p in cli.main.commands["eval"].params for opt in p.opts}
+        assert {"--history", "--address"} <= options, options
 
 
 def test_rayversion_matches_the_image() -> None:
