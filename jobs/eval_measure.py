@@ -3,7 +3,8 @@
 Protocol (one process holds the models; loading is not timed):
   1. each runner decodes a few tokens of the first document once, untimed (first-call costs; refusals show)
   2. batch 1: for each document, every runner decodes it in turn; the order rotates by one per document
-  3. batch B (the suite's batch_size): the same over groups of B documents, for runners that batch
+  3. batch B (the suite's batch_size): the same over groups of B documents, for runners that batch, in
+     execution.batched_rounds rounds (each runner keeps its fastest time per group)
   4. sweep: AR and every grid point, alternating the same way, on the validation documents
   In each pass, units disturbed by a burst of other work are timed again (RoundRobin).
 With execution.actors > 1 (on Ray), each actor does all of this on its share of the documents.
@@ -69,16 +70,18 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
     log(f"models loaded in {load_s:.1f}s on {pair.device}")
     runners, skipped = build_runners(suite, pair)
     runners = warm_up(runners, list(test[0].prompt_ids), skipped, log)
-    passes = [(runners, chunks(test, 1), "batch-1")]
+    ex = suite.execution
+    passes = [(runners, chunks(test, 1), "batch-1", 1)]
     if suite.batch_size > 1:
         passes.append(([r for r in runners if r.info.batched], chunks(test, suite.batch_size),
-                       f"batch-{suite.batch_size}"))
+                       f"batch-{suite.batch_size}", ex.batched_rounds))
     sweep = sweep_runners(suite, pair) if suite.sweep and validation else []
     if sweep:
-        passes.append(([next(r for r in runners if r.name == suite.ar.name), *sweep], chunks(validation, 1), "sweep"))
+        ar = next(r for r in runners if r.name == suite.ar.name)
+        passes.append(([ar, *sweep], chunks(validation, 1), "sweep", 1))
     outputs, retimed, loads = [], [], []
-    for group, units, setting in passes:
-        timer = RoundRobin(group, setting, pair.tokenizer, log, suite.ar.name, suite.execution.retime_factor)
+    for group, units, setting, rounds in passes:
+        timer = RoundRobin(group, setting, pair.tokenizer, log, suite.ar.name, ex.retime_factor, rounds)
         outputs += timer.run(units)
         retimed, loads = retimed + timer.retimed, loads + timer.loads
     info = {r.name: r.info for r in [*runners, *sweep]}
@@ -160,27 +163,30 @@ class RoundRobin:
     divided by the baseline's (AR's) on that unit, against the runner's median of that ratio over all units; a
     unit where some runner is off by more than `retime_factor` (a burst of other work on the machine) is decoded
     again by every runner, and each keeps its faster time. At most a quarter of the units are timed again.
+    With rounds > 1 every unit is timed that many times (the order rotating again), each runner keeping its
+    fastest: for passes of few units (one batch of 8), where one slow call would decide the ratio.
     """
 
     def __init__(self, runners: list[Runner], setting: str, tokenizer: Any, log: Log, baseline: str,
-                 retime_factor: float) -> None:
+                 retime_factor: float, rounds: int = 1) -> None:
         self.runners, self.setting, self.tokenizer, self.log = runners, setting, tokenizer, log
-        self.baseline, self.retime_factor = baseline, retime_factor
+        self.baseline, self.retime_factor, self.rounds = baseline, retime_factor, rounds
         self.retimed: list[str] = []
         self.loads: list[float] = []  # the 1-minute load average after each unit
 
     def run(self, units: list[list[Doc]]) -> list[Output]:
         rank = _ranks([d for unit in units for d in unit])
         started = time.perf_counter()
-        results = []
-        for u, unit in enumerate(units):
-            results.append(self._unit(unit, u, rank))
-            self.loads.append(os.getloadavg()[0])
-            self.log(f"[{time.perf_counter() - started:7.1f}s] {self.setting} {u + 1}/{len(units)} "
-                     f"({len(unit)} docs): " + ", ".join(f"{n} {w:.1f}s" for n, (_, w) in results[-1].items()))
+        results: list[UnitTimes] = [{} for _ in units]
+        for r in range(self.rounds):
+            for u, unit in enumerate(units):
+                results[u] = _fastest(results[u], self._unit(unit, u + r, rank))
+                self.loads.append(os.getloadavg()[0])
+                walls = ", ".join(f"{n} {w:.1f}s" for n, (_, w) in results[u].items())
+                self.log(f"[{time.perf_counter() - started:7.1f}s] {self.setting} {u + 1}/{len(units)} "
+                         f"({len(unit)} docs){f', round {r + 1}' if self.rounds > 1 else ''}: {walls}")
         for u, factor in self._disturbed(results):
-            again = self._unit(units[u], u + 1, rank)
-            results[u] = {name: min(results[u][name], again[name], key=lambda t: t[1]) for name in again}
+            results[u] = _fastest(results[u], self._unit(units[u], u + self.rounds, rank))
             self.retimed.append(f"{self.setting} unit {u + 1} (off by {factor:.1f}x)")
             self.log(f"{self.setting} {u + 1}/{len(units)} timed again: a runner was off by {factor:.1f}x")
         return [o for unit in results for outs, _ in unit.values() for o in outs]
@@ -211,6 +217,11 @@ class RoundRobin:
                 off[u] = max(off[u], abs(math.log(ratio / middle)))
         worst = sorted(range(len(results)), key=lambda u: -off[u])[:max(1, len(results) // 4)]
         return [(u, math.exp(off[u])) for u in worst if off[u] > math.log(self.retime_factor)]
+
+
+def _fastest(old: UnitTimes, new: UnitTimes) -> UnitTimes:
+    """Each runner's faster timing of the same unit."""
+    return {name: min(old[name], times, key=lambda t: t[1]) if name in old else times for name, times in new.items()}
 
 
 def _ranks(docs: list[Doc]) -> dict[str, int]:

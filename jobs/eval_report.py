@@ -27,7 +27,8 @@ PROTOCOL = ("Every method and peer decodes the same token ids on the same machin
             "(batch 1) or group of documents (batched setting), every runner decodes it in turn, the order rotating "
             "by one each time, so that machine drift hits all alike. A unit where some runner's time relative to "
             "AR's is off from its usual ratio by more than execution.retime_factor (a burst of other work) is timed "
-            "again, at most a quarter of the units, each runner keeping its faster time. decode_s is the wall time "
+            "again, at most a quarter of the units, each runner keeping its faster time; the batched setting is timed "
+            "execution.batched_rounds times, each runner keeping its fastest. decode_s is the wall time "
             "of each call, shared among its documents by new tokens; speedup_vs_ar compares sums over the same "
             "documents. Peers' counts come from a hook on the target's forward calls: rollback_rate is not visible "
             "from outside (n/a); greedy decoding drafts nothing (n/a).")

@@ -108,7 +108,7 @@ def test_bad_suite_exits_2_naming_the_problem(tmp_path: Path, corpora: dict[str,
 # -- a whole run on a tiny model ---------------------------------------------------------------------------------
 def test_eval_side_by_side_on_a_tiny_model(tmp_path: Path, corpora: dict[str, Path], tiny_target: Path) -> None:
     suite = tiny_suite(corpora, tiny_target, sweep={"grid": {"alpha": [0.5, 1.0], "tau_base": [0.2]},
-                                                    "docs_per_corpus": 1})
+                                                    "docs_per_corpus": 1}, execution={"batched_rounds": 2})
     result, out = run_eval(tmp_path, suite)
     assert result.exit_code == 0, result.output
     folder = run_dir(result)
