@@ -5,7 +5,8 @@ of the run plus the code version (git commit), the models, the machine and the m
 history reads all files of the folder.
 
 A regression is a checked method (not AR, not a peer unless the suite says so) that
-  - misses a floor of the suite: speedup_vs_ar < min_speedup, agreement_with_ar < min_agreement (or, for a
+  - misses a floor of the suite: speedup_vs_ar < min_speedup (min_speedup_batched at the suite's batch size,
+    when given), agreement_with_ar < min_agreement (or, for a
     lossless method, < lossless_agreement), AR's score minus its score > max_quality_loss (per corpus and
     metric), or a significant quality loss (paired bootstrap, when floors.significance);
   - or got worse than in the previous run of the same suite on the same documents by more than the tolerances:
@@ -108,7 +109,9 @@ def floor_misses(row: dict[str, Any], ar: dict[str, Any] | None, floors: Floors)
     where = (row["method"], row["setting"], row["scope"])
     if row["scope"] == "all":
         lossless = floors.lossless_agreement if row.get("lossless") else None
-        for metric, bound, name in (("speedup_vs_ar", floors.min_speedup, "min_speedup"),
+        batched = row["setting"] != "batch-1" and floors.min_speedup_batched is not None
+        speed = ("min_speedup_batched", floors.min_speedup_batched) if batched else ("min_speedup", floors.min_speedup)
+        for metric, bound, name in (("speedup_vs_ar", speed[1], speed[0]),
                                     ("agreement_with_ar", floors.min_agreement, "min_agreement"),
                                     ("agreement_with_ar", lossless, "lossless_agreement")):
             value = row.get(metric)

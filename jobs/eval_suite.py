@@ -65,7 +65,8 @@ class SuiteCorpus:
 class Floors:
     """Bounds every checked method must meet; a miss is a regression (exit code 1). None = not checked."""
 
-    min_speedup: float | None = None  # speedup_vs_ar
+    min_speedup: float | None = None  # speedup_vs_ar at batch 1
+    min_speedup_batched: float | None = None  # ... at the suite's batch_size (None: min_speedup)
     max_quality_loss: float | None = None  # AR's score minus the method's, in points (0-100), per corpus and metric
     min_agreement: float | None = None  # agreement_with_ar
     lossless_agreement: float | None = None  # agreement_with_ar of lossless (strict) methods: their output is AR's
@@ -73,8 +74,9 @@ class Floors:
     alpha: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(self.min_speedup is None or self.min_speedup > 0,
-               f"floors.min_speedup must be > 0, got {self.min_speedup}")
+        for name in ("min_speedup", "min_speedup_batched"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"floors.{name} must be > 0, got {value}")
         _check(self.max_quality_loss is None or self.max_quality_loss >= 0,
                f"floors.max_quality_loss must be >= 0, got {self.max_quality_loss}")
         _check(self.min_agreement is None or 0 <= self.min_agreement <= 1,

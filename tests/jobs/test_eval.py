@@ -209,8 +209,10 @@ def test_floors_and_previous_run_name_each_regression(tmp_path: Path, corpora: d
     suite = suite_from_dict({"corpora": [{"path": str(corpora["mt"]), "task": "translation"}],
                              "methods": ["ar", "specdec", "cmasd",
                                          {"name": "peek", "method": "cmasd", "checked": False}],
-                             "floors": {"min_speedup": 1.0, "max_quality_loss": 1.0, "lossless_agreement": 1.0}})
+                             "floors": {"min_speedup": 1.0, "min_speedup_batched": 0.5, "max_quality_loss": 1.0,
+                                        "lossless_agreement": 1.0}})
     rows = [_row("ar", "all", speedup_vs_ar=1.0), _row("ar", "mt", bleu=30.0),
+            {**_row("specdec", "all", speedup_vs_ar=0.7), "setting": "batch-8"},  # min_speedup_batched 0.5
             _row("specdec", "all", speedup_vs_ar=0.9, agreement_with_ar=1.0, lossless=True, tokens_per_call=2.0),
             _row("cmasd", "all", speedup_vs_ar=1.2, agreement_with_ar=0.97, lossless=True, tokens_per_call=2.0),
             _row("cmasd", "mt", bleu=28.0), _row("peek", "all", speedup_vs_ar=0.1)]
