@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from cmsd.control import Controller
-from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, Sampler
+from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
 from cmsd.kv import HoleyState, SyncState, open_state
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.selfspec import SelfSpecPlan
 from cmsd.settings import DecodeSettings
 from cmsd.stats import TRACE_COLUMNS, DocStats
-from cmsd.verify import Rule, Verdict, verify
+from cmsd.verify import Rule, Verdict, verify, verify_tree
 
 
 @dataclass
@@ -65,6 +65,12 @@ class Decoder:
             self.settings = settings
         self.rule = Rule(threshold=settings.control if settings.threshold_rule else None,
                          margin=settings.margin if settings.margin_rule else None)
+        self.tree = settings.drafts and pair.drafter == "ngram" and settings.ngram.branches > 1
+        if self.tree and (settings.temperature > 0 or not self.rule.strict):
+            raise ValueError("ngram.branches > 1 (tree drafts) needs strict greedy decoding: temperature 0 and "
+                             "verify 'strict' (or a method without a relaxed rule)")
+        if self.tree and pair.target.model.config.is_encoder_decoder:
+            raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
         self.eos = _eos_ids(pair.target)
 
     # -- text level ------------------------------------------------------------------------------------------
@@ -122,16 +128,9 @@ class Decoder:
             k = controller.draft_lengths(budget)  # 2. how far to draft
             controller.begin_draft()
             draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)
-            tokens = torch.cat([pending[:, None], draft.tokens], 1)  # 3. verify in one target pass
-            valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),
-                               torch.arange(draft.tokens.shape[1], device=device) < draft.lengths[:, None]], 1)
-            logits = target.feed(tokens, valid)  # [B, 1 + K, V]
-            tau = controller.thresholds(draft.conf[..., 3])
-            verdict = verify(self.rule, draft.tokens, draft.lengths, logits, tau, settings.temperature, draft.q,
-                             generator)
-            target.commit(1 + verdict.accepted)  # 4. roll back what was rejected
+            verdict, draft, tau = self._verify(target, pending, draft, controller, generator)  # 3. verify, 4. roll back
             if drafter:
-                drafter.commit(verdict.accepted, verdict.next_token)
+                drafter.commit(verdict.accepted, verdict.next_token, verdict.path)
             controller.observe(draft, verdict.accepted)  # 5. adapt
             pending = verdict.next_token
             self._record([rows[r] for r in live], draft, verdict, k, tau, iteration, started)
@@ -145,6 +144,29 @@ class Decoder:
                 pending = pending[index]
                 live = [live[i] for i in stay]
         return self._finish(rows, time.perf_counter() - started)
+
+    def _verify(self, target: HoleyState | SyncState, pending: torch.Tensor, draft: Draft, controller: Controller,
+                generator: torch.Generator) -> tuple[Verdict, Draft, torch.Tensor]:
+        """Verify [pending, drafts] in one target pass and roll back what was rejected. Returns the verdict, the
+        draft (a tree comes back as a chain, its accepted path first) and the thresholds tau [B, K]."""
+        tokens = torch.cat([pending[:, None], draft.tokens], 1)  # [B, 1 + K]
+        valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),
+                           torch.arange(draft.tokens.shape[1], device=pending.device) < draft.lengths[:, None]], 1)
+        if draft.parents is not None:  # a tree: each draft sees the cache, the pending token and its ancestors
+            logits = target.feed(tokens, valid, parents=torch.cat([torch.full_like(tokens[:, :1], -1),
+                                                                   draft.parents + 1], 1))
+            verdict = verify_tree(draft.tokens, draft.lengths, draft.parents, logits)
+            on_path = torch.arange(draft.tokens.shape[1], device=pending.device) < verdict.accepted[:, None]
+            keep = torch.zeros_like(valid).scatter(1, 1 + verdict.path, on_path)  # [B, 1 + K] the accepted path
+            keep[:, 0] = True  # and the pending token
+            target.commit(keep)
+            return verdict, draft.reorder(verdict.path), torch.zeros_like(draft.conf[..., 3])
+        logits = target.feed(tokens, valid)  # [B, 1 + K, V]
+        tau = controller.thresholds(draft.conf[..., 3])
+        verdict = verify(self.rule, draft.tokens, draft.lengths, logits, tau, self.settings.temperature, draft.q,
+                         generator)
+        target.commit(1 + verdict.accepted)
+        return verdict, draft, tau
 
     def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler
               ) -> tuple[HoleyState | SyncState, torch.Tensor, Drafter | None]:
@@ -160,7 +182,8 @@ class Decoder:
             return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":
             vocab = model.config.get_text_config(decoder=True).vocab_size
-            ngram = NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
+            kind = NgramTreeDrafter if self.tree else NgramDrafter
+            ngram = kind(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
             return target, first, ngram
         raise ValueError(f"unknown drafter {drafter!r}")
 

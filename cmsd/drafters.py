@@ -2,15 +2,18 @@
 
     propose(k [B], keep) -> Draft    draft up to k[b] tokens for row b; `keep(C [B]) -> [B] bool` says whether a
                                      candidate with confidence C is proposed (the controller's c_stop gate)
-    commit(accepted [B], next [B])   the verdict: the first accepted[b] drafts stand, then the token next[b]
+    commit(accepted [B], next [B],   the verdict: the first accepted[b] drafts stand, then the token next[b]; for a
+           path [B, K] | None)       tree draft, the first accepted[b] drafts in the order path[b]
     select(rows)                     keep only these rows
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,11 +33,18 @@ class Draft:
     lengths: torch.Tensor  # [B] drafted tokens per row
     conf: torch.Tensor  # [B, K, 4] C_ent, C_margin, C_soft, C of each drafted token
     q: torch.Tensor | None = None  # [B, K, V] drafter probabilities (kept only when sampling)
+    parents: torch.Tensor | None = None  # [B, K] a tree draft: each token's parent, -1 = the pending token
 
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> Draft:
         return cls(torch.zeros(batch, 0, dtype=torch.long, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, 0, 4, device=device))
+
+    def reorder(self, order: torch.Tensor) -> Draft:
+        """The drafted tokens in the order `order` [B, K] (a tree's accepted path first), read as a chain."""
+        assert self.q is None, "tree drafts are greedy"
+        conf = self.conf.gather(1, order[..., None].expand_as(self.conf))
+        return replace(self, tokens=self.tokens.gather(1, order), conf=conf, parents=None)
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ class Drafter(ABC):
     def propose(self, k: torch.Tensor, keep: Keep) -> Draft: ...
 
     @abstractmethod
-    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None: ...
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None: ...
 
     @abstractmethod
     def select(self, rows: torch.Tensor) -> None: ...
@@ -138,7 +148,8 @@ class ModelDrafter(Drafter):
         self.tokens = buf.tokens
         return buf.draft()
 
-    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        assert path is None, "a model drafter drafts chains"
         if not self.fed:  # nothing was fed: the old pending tokens wait, the new one joins them
             self.pending = torch.cat([self.pending, next_token[:, None]], 1)
             self.pending_ok = torch.cat([self.pending_ok, torch.ones_like(self.pending_ok[:, :1])], 1)
@@ -161,6 +172,11 @@ def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.nd
 
     seq: [L] token ids. Returns (tokens [m], counts [m], n) ordered by count, ties to the most recent occurrence.
     """
+    return next(continuations(seq, settings), None)
+
+
+def continuations(seq: np.ndarray, settings: NgramSettings) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """continuation_counts of every matching suffix of `seq`, the longest first."""
     for n in range(min(settings.max_ngram, len(seq) - 1), settings.min_ngram - 1, -1):
         windows = sliding_window_view(seq[:-1], n)  # [L - n, n]: every earlier n-gram with a token after it
         starts = np.flatnonzero((windows == seq[-n:]).all(1))
@@ -169,8 +185,7 @@ def continuation_counts(seq: np.ndarray, settings: NgramSettings) -> tuple[np.nd
         following = seq[starts + n][::-1]  # most recent first
         tokens, first, counts = np.unique(following, return_index=True, return_counts=True)
         order = np.lexsort((first, -counts))
-        return tokens[order], counts[order], n
-    return None
+        yield tokens[order], counts[order], n
 
 
 class NgramDrafter(Drafter):
@@ -220,12 +235,78 @@ class NgramDrafter(Drafter):
         q[torch.as_tensor(tokens)] += trust * torch.as_tensor(counts, dtype=torch.float32) / float(counts.sum())
         return q.log()
 
-    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
-        for seq, draft, a, t in zip(self.seqs, self.drafts, accepted.tolist(), next_token.tolist()):
-            seq.extend(draft[:a])
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        orders = path.tolist() if path is not None else [range(len(d)) for d in self.drafts]
+        for seq, draft, order, a, t in zip(self.seqs, self.drafts, orders, accepted.tolist(), next_token.tolist()):
+            seq.extend(draft[j] for j in order[:a])
             seq.append(t)
 
     def select(self, rows: torch.Tensor) -> None:
         keep = rows.tolist()
         self.seqs = [self.seqs[r] for r in keep]
         self.drafts = [self.drafts[r] for r in keep]
+
+
+class NgramTreeDrafter(NgramDrafter):
+    """Prompt lookup drafting a tree (strict greedy only): per row a trie of up to settings.tree_tokens candidate
+    tokens, at most k[b] deep, grown best first by the product of q along each path, which must reach
+    settings.tree_min_p. A node's children are the settings.branches likeliest tokens after it: those of the longest
+    matching suffix, then of shorter ones. The controller's keep gate is not used: tree_min_p plays its part."""
+
+    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+        trees = [self._tree(seq, depth) for seq, depth in zip(self.seqs, k.tolist())]
+        batch, width = len(trees), max((len(tokens) for _, tokens, _ in trees), default=0)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        parents = torch.full((batch, width), -1, dtype=torch.long)
+        conf = torch.zeros(batch, width, 4)
+        for row, (up, nodes, logq) in enumerate(trees):
+            if nodes:
+                tokens[row, :len(nodes)], parents[row, :len(nodes)] = torch.tensor(nodes), torch.tensor(up)
+                conf[row, :len(nodes)] = confidence(logq, self.conf_settings)
+        self.drafts = [nodes for _, nodes, _ in trees]
+        lengths = torch.tensor([len(nodes) for nodes in self.drafts], dtype=torch.long)
+        return Draft(tokens.to(self.device), lengths.to(self.device), conf.to(self.device),
+                     parents=parents.to(self.device))
+
+    def _tree(self, seq: list[int], depth: int) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """The trie after `seq`: each node's parent (-1: the pending token, parents first), its token, and the
+        log q [nodes, V] it was drawn from."""
+        nodes: list[tuple[int, int, int]] = []  # parent, token, index in logq
+        logq: list[torch.Tensor] = []
+        heap: list[tuple[float, int, int, int, int, list[int]]] = []  # -score, tie, parent, token, dist, path
+        tie = itertools.count()
+
+        def grow(parent: int, score: float, path: list[int]) -> None:
+            found = self._candidates(np.asarray(seq + path, dtype=np.int64)) if len(path) < depth else None
+            if found is not None:
+                logq.append(self._log_q(*found[1]))
+                for token, q in found[0]:
+                    if score * q >= self.settings.tree_min_p:
+                        heapq.heappush(heap, (-score * q, next(tie), parent, token, len(logq) - 1, path))
+
+        grow(-1, 1.0, [])
+        while heap and len(nodes) < self.settings.tree_tokens:
+            score, _, parent, token, dist, path = heapq.heappop(heap)
+            nodes.append((parent, token, dist))
+            if len(nodes) < self.settings.tree_tokens:
+                grow(len(nodes) - 1, -score, path + [token])
+        if not nodes:
+            return [], [], None
+        parents, tokens, dists = (list(column) for column in zip(*nodes))
+        return parents, tokens, torch.stack(logq)[dists]
+
+    def _candidates(self, seq: np.ndarray) -> tuple[list[tuple[int, float]], tuple] | None:
+        """The settings.branches likeliest tokens after `seq` with their q: an n-token match's continuation counts
+        get weight n / (n + kappa) of the mass that longer matches left. Also returns the longest match
+        (continuation_counts), or None without any match."""
+        found: dict[int, float] = {}
+        rest, longest = 1.0, None
+        for tokens, counts, n in continuations(seq, self.settings):
+            longest = longest or (tokens, counts, n)
+            trust = n / (n + self.settings.kappa)
+            for token, count in zip(tokens.tolist(), counts.tolist()):
+                found.setdefault(token, rest * trust * count / counts.sum())
+            rest *= 1 - trust
+            if len(found) >= self.settings.branches:
+                break
+        return (list(found.items())[:self.settings.branches], longest) if longest else None

@@ -5,11 +5,14 @@ Both states below have one interface, so the decode loop and the drafters never 
     feed(tokens [B, W], valid [B, W]) -> logits [B, W, V]   append each row's valid tokens
     commit(keep [B])                                        of the tokens fed since the last commit, row b keeps
                                                             its first keep[b]; the rest are rolled back
+                                                            (HoleyState: or keep [B, W] bool, the fed slots that stay)
     select(rows [B'])                                       keep only these rows (finished rows leave the batch)
 
 `HoleyState` (decoder-only models): every row writes into the same cache slots; a rejected or padded slot becomes
 a hole (mask 0) and positions come from per-row counters, so rollback is a mask update plus a crop of the
-slots no row uses. Nothing is recomputed and nothing is copied.
+slots no row uses. Nothing is recomputed and nothing is copied. It can also be fed a tree of tokens at once
+(`feed(..., parents=...)`): each token attends to its row's cache and to its ancestors only, at the row's position
+plus its depth; committing one root-to-leaf path of the tree leaves holes where the other branches were.
 
 `SyncState` (encoder-decoder models, whose decoders place positions by cache index): all rows share one committed
 length T, the shortest row's; tokens a row has beyond T are fed again with its next feed.
@@ -109,12 +112,29 @@ class HoleyState:
             self.commit(valid.sum(1))
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
-        """tokens, valid: [B, W]. Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
-        positions = self.append_slots(valid)
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True,
+             parents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """tokens, valid: [B, W]; parents: [B, W] for a tree of tokens, the index of each token's parent among
+        those fed (-1: none, it follows the row's cache; parents come before their children); None: a chain.
+        Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
+        if parents is None:
+            positions, mask = self.append_slots(valid), self.mask
+        else:
+            positions, mask = self._tree_slots(valid, parents)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
         return out.logits if logits else None
+
+    def _tree_slots(self, valid: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open W slots for a tree of tokens. Returns their positions [B, W] (the row's position plus the depth)
+        and the additive attention mask [B, 1, W, slots]: the row's cache and the token's ancestors, itself included."""
+        tree = ancestors(parents)  # [B, W, W]
+        cached, start = self.mask.bool(), self.pos
+        self.append_slots(valid)
+        allowed = torch.cat([cached[:, None, :].expand(-1, tree.shape[1], -1), tree], 2)[:, None]
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return start[:, None] + tree.sum(-1) - 1, mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
     def append_slots(self, valid: torch.Tensor) -> torch.Tensor:
         """Open W slots (valid: [B, W]); returns the positions [B, W] of their tokens."""
@@ -127,9 +147,10 @@ class HoleyState:
 
     @torch.inference_mode()
     def commit(self, keep: torch.Tensor) -> None:
-        """keep: [B] how many of the tokens fed since the last commit stay (the first ones)."""
+        """keep: [B] how many of the tokens fed since the last commit stay (the first ones), or [B, W] bool which
+        of the W slots fed since then stay."""
         fresh = self.fresh
-        kept = fresh & (fresh.long().cumsum(1) <= keep[:, None])
+        kept = fresh & (keep if keep.dim() == 2 else fresh.long().cumsum(1) <= keep[:, None])
         start = self.mask.shape[1] - fresh.shape[1]
         self.mask[:, start:] = kept.long()
         self.pos = self.pos - (fresh.sum(1) - kept.sum(1))
@@ -204,6 +225,19 @@ class SyncState:
         keep = rows.tolist()
         self.seqs = [self.seqs[r] for r in keep]
         self.fresh = [self.fresh[r] for r in keep]
+
+
+def ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """parents: [B, W] the index of each node's parent (-1: a root; parents come before their children).
+    Returns [B, W, W] bool: [b, i, j] says node j is node i or one of its ancestors."""
+    batch, width = parents.shape
+    rows = torch.arange(batch, device=parents.device)
+    assert bool((parents < torch.arange(width, device=parents.device)).all()), "a parent comes before its children"
+    tree = torch.eye(width, dtype=torch.bool, device=parents.device).repeat(batch, 1, 1)
+    for node in range(width):
+        parent = parents[:, node]
+        tree[:, node] |= tree[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
+    return tree
 
 
 def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> tuple[HoleyState | SyncState,

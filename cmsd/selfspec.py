@@ -121,7 +121,7 @@ class SelfDrafter(Drafter):
             self.state.shallow(last, unseen[:, None])
         return buf.draft()
 
-    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
         self.pending = next_token  # the shared state was rolled back by the target's commit
 
     def select(self, rows: torch.Tensor) -> None:

@@ -88,12 +88,18 @@ class NgramSettings:
     min_ngram: int = 1  # shortest suffix looked up
     min_count: int = 1  # fewer matches than this: no draft
     kappa: float = 1.5  # continuations after an n-token match get weight n / (n + kappa) in q; the rest is uniform
+    branches: int = 1  # candidate tokens per node of a tree draft; 1 = one chain (more: strict greedy only)
+    tree_tokens: int = 10  # the most drafted tokens (tree nodes) per row and iteration when branches > 1
+    tree_min_p: float = 0.15  # ... and no node whose path's product of q (its estimated acceptance) is under this
 
     def __post_init__(self) -> None:
         _check(self.min_ngram >= 1, f"ngram.min_ngram must be >= 1, got {self.min_ngram}")
         _check(self.max_ngram >= self.min_ngram, f"ngram.max_ngram must be >= min_ngram, got {self.max_ngram}")
         _check(self.min_count >= 1, f"ngram.min_count must be >= 1, got {self.min_count}")
         _check(self.kappa >= 0, f"ngram.kappa must be >= 0, got {self.kappa}")
+        _check(self.branches >= 1, f"ngram.branches must be >= 1, got {self.branches}")
+        _check(self.tree_tokens >= 1, f"ngram.tree_tokens must be >= 1, got {self.tree_tokens}")
+        _check(0 <= self.tree_min_p <= 1, f"ngram.tree_min_p must be in [0, 1], got {self.tree_min_p}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ Rules (greedy, temperature 0):
 A relaxed method accepts where strict or any of its rules accepts. With temperature > 0, strict is speculative
 sampling (accept with min(1, p/q), correct from norm(max(0, p - q))), lossless in distribution; relaxed rules
 accept by the rule on the tempered p and correct by sampling p.
+
+Tree drafts (strict greedy only): a drafted token is right where it is argmax p after its parent; the accepted
+path is the chain of drafted tokens that are right with all their ancestors (siblings differ, so it is one chain).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmsd.kv import ancestors
 from cmsd.settings import ControlSettings, MarginSettings
 
 
@@ -31,6 +35,8 @@ class Verdict:
     next_token: torch.Tensor  # [B] correction or bonus token
     ok: torch.Tensor  # [B, K] the rule's answer at each drafted position (before the prefix cut)
     top1: torch.Tensor  # [B, K+1] the target's argmax at each verified position
+    path: torch.Tensor | None = None  # [B, K] tree drafts: the order of the drafted tokens that ok, top1 and
+    #                                   accepted refer to, the accepted path first (root to leaf); None: a chain
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,25 @@ def verify(rule: Rule, draft_tokens: torch.Tensor, lengths: torch.Tensor, logits
     else:
         next_token = _sample_next(p, q if rule.strict else None, accepted, lengths, generator)
     return Verdict(accepted=accepted, next_token=next_token, ok=ok & in_draft, top1=top1)
+
+
+def verify_tree(draft_tokens: torch.Tensor, lengths: torch.Tensor, parents: torch.Tensor,
+                logits: torch.Tensor) -> Verdict:
+    """Strict greedy verification of a tree draft. draft_tokens, parents: [B, K] (parents: the index of each
+    drafted token's parent, -1 = the pending token), lengths: [B], logits: [B, K+1, V] at the pending token and
+    at each drafted token. The Verdict lists the drafted tokens in the order `path`: the accepted path first."""
+    k = draft_tokens.shape[1]
+    top1 = logits.argmax(-1)  # [B, K+1]
+    in_draft = torch.arange(k, device=logits.device)[None, :] < lengths[:, None]  # [B, K]
+    expected = top1.gather(1, parents + 1)  # [B, K] the target's argmax at each drafted token's position
+    ok = (draft_tokens == expected) & in_draft
+    on_path = (~ancestors(parents) | ok[:, None, :]).all(-1)  # [B, K] right, and so are all its ancestors
+    accepted = on_path.sum(1)
+    path = torch.sort((~on_path).long(), dim=1, stable=True).indices  # parents come first: root to leaf
+    slots = torch.cat([torch.zeros_like(accepted)[:, None], path + 1], 1)  # [B, K+1] the pending token, then the path
+    next_token = top1.gather(1, slots.gather(1, accepted[:, None])).squeeze(1)  # argmax after the path's end
+    return Verdict(accepted=accepted, next_token=next_token, ok=ok.gather(1, path),
+                   top1=torch.cat([expected.gather(1, path), next_token[:, None]], 1), path=path)
 
 
 def _sample_next(p: torch.Tensor, q: torch.Tensor | None, accepted: torch.Tensor, lengths: torch.Tensor,

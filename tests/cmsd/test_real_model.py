@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmsd import DecodeSettings, Decoder, PromptTemplate
+from cmsd import DecodeSettings, Decoder, NgramSettings, PromptTemplate
 
 DATA = Path(__file__).resolve().parents[2] / "jobs" / "data" / "demo.jsonl"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -64,3 +64,17 @@ def test_relaxed_cmasd_runs_and_reports(smollm2_ngram) -> None:
     rates = stats.rates()
     assert stats.new_tokens > 0 and rates["tokens_per_call"] >= 1.0 and 0 <= rates["acceptance_rate"] <= 1
     torch.testing.assert_close(stats.decode_s, sum(g.stats.decode_s for g in gens))
+
+
+def test_strict_tree_drafts_equal_transformers_greedy(smollm2_ngram) -> None:
+    """Tree drafts (ngram.branches > 1) on 3 documents: the same output as greedy AR, in fewer target calls."""
+    pair = smollm2_ngram
+    docs = _documents(3)
+    prompts = [PromptTemplate("summarization").render(pair.tokenizer, d["source"]) for d in docs]
+    ar = Decoder(pair, DecodeSettings(method="ar", max_new_tokens=NEW, batch_size=3)).generate(prompts)
+    tree = NgramSettings(branches=3, tree_tokens=10, tree_min_p=0.1)
+    settings = DecodeSettings(method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=3, ngram=tree)
+    gens = Decoder(pair, settings).generate(prompts)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in ar]
+    assert sum(g.stats.target_calls for g in gens) < sum(g.stats.target_calls for g in ar)
+

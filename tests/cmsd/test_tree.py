@@ -1,0 +1,115 @@
+"""Tree drafts (ngram.branches > 1): several n-gram candidates verified in one target pass, strict greedy only.
+The output stays the target's greedy output token for token, and the tree's attention mask gives every drafted
+token the logits of a plain forward over its own path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cmsd.decode
+from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair, NgramSettings
+from cmsd.kv import HoleyState
+from cmsd.verify import verify_tree
+from tests.tiny import TINY_VOCAB, greedy_reference, tiny_bart, tiny_llama
+
+NEW = 24
+TREES = ((2, 6, 0.0), (3, 10, 0.0), (4, 12, 0.15))  # branches, tree_tokens, tree_min_p
+
+
+def _pair(target) -> ModelPair:
+    return ModelPair(LoadedModel("target", target, None), "ngram")
+
+
+def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
+    """Prompts made of a few random segments repeated in random order: a suffix has several continuations."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        segments = [torch.randint(3, TINY_VOCAB, (int(n),), generator=g).tolist()
+                    for n in torch.randint(2, 6, (4,), generator=g)]
+        order = torch.randint(0, 4, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)
+        out.append([t for i in order.tolist() for t in segments[i]])
+    return out
+
+
+def _settings(branches: int, tree_tokens: int, min_p: float, batch: int, method: str = "cmasd") -> DecodeSettings:
+    ngram = NgramSettings(max_ngram=4, branches=branches, tree_tokens=tree_tokens, tree_min_p=min_p)
+    return DecodeSettings(method=method, verify="strict", max_new_tokens=NEW, batch_size=batch,
+                          control=ControlSettings(k=4, k_min=2, k_max=6), ngram=ngram)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_strict_equals_greedy(seed: int, monkeypatch) -> None:
+    target = tiny_llama(seed=seed)
+    prompts = repetitive_prompts(seed, 8)
+    expected = [greedy_reference(target, p, NEW) for p in prompts]
+    counts = {"accepted": 0, "off_first_branch": 0}
+    monkeypatch.setattr(cmsd.decode, "verify_tree", _counting(counts))
+    for branches, tree_tokens, min_p in TREES:
+        for batch in (1, 3, 8):
+            for method in ("cmasd", "specdec"):
+                settings = _settings(branches, tree_tokens, min_p, batch, method)
+                gens = Decoder(_pair(target), settings).generate_ids(prompts)
+                assert [g.token_ids for g in gens] == expected, f"seed={seed} {branches},{tree_tokens} {method} {batch}"
+                assert all(g.stats.accepted <= g.stats.drafted for g in gens)
+    assert counts["off_first_branch"] > 0 and counts["accepted"] > counts["off_first_branch"], counts
+
+
+def _counting(counts: dict[str, int]):
+    """verify_tree, counting accepted drafts and those that are not their parent's first child."""
+    def wrapped(tokens, lengths, parents, logits):
+        verdict = verify_tree(tokens, lengths, parents, logits)
+        for row, (a, path) in enumerate(zip(verdict.accepted.tolist(), verdict.path.tolist())):
+            for node in path[:a]:
+                first = parents[row, :node + 1].tolist().index(int(parents[row, node]))
+                counts["accepted"] += 1
+                counts["off_first_branch"] += int(first != node)
+        return verdict
+    return wrapped
+
+
+def test_tree_feed_gives_each_path_its_plain_logits_and_commits_one_path() -> None:
+    model = tiny_llama(seed=5)
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    state = HoleyState(model, prompts, capacity=8)  # small capacity: the buffer must grow
+    # row 0: pending 10, tree 11 -> 12, 13 -> 14; 15 (a second root child); row 1: 20 -> 21, 22 (siblings), 2 unused
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 0, 0, 0]])
+    parents = torch.tensor([[-1, 0, 1, 0, 3, 0], [-1, 0, 0, -1, -1, -1]])
+    valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    logits = state.feed(tokens, valid, parents=parents)
+    for row, prompt in enumerate(prompts):
+        for slot in range(int(valid[row].sum())):
+            path, node = [], slot
+            while node >= 0:
+                path, node = [int(tokens[row, node])] + path, int(parents[row, node])
+            plain = model(input_ids=torch.tensor([prompt + path])).logits[0, -1]
+            torch.testing.assert_close(logits[row, slot], plain, atol=1e-5, rtol=1e-5)
+    keep = torch.tensor([[True, False, False, True, True, False], [True, False, True, False, False, False]])
+    state.commit(keep)  # row 0 keeps 10 13 14, row 1 keeps 20 22
+    logits = state.feed(torch.tensor([[30], [31]]), torch.ones(2, 1, dtype=torch.bool))
+    for row, seq in enumerate([[3, 4, 5, 6, 7, 10, 13, 14, 30], [8, 9, 20, 22, 31]]):
+        plain = model(input_ids=torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(logits[row, 0], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_verify_tree_follows_the_target_through_any_branch() -> None:
+    vocab = 8
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])  # root children 1, 3; 2 under 1; 4, 5 under 3
+    parents = torch.tensor([[-1, 0, -1, 2, 2]])
+    argmax = torch.tensor([[3, 2, 0, 5, 0, 6]])  # at the pending token, then after each drafted token
+    verdict = verify_tree(tokens, torch.tensor([5]), parents, torch.nn.functional.one_hot(argmax, vocab).float())
+    assert verdict.accepted.tolist() == [2] and verdict.next_token.tolist() == [6]
+    assert verdict.path[0, :2].tolist() == [2, 4]  # 3, then 5 under it
+
+
+def test_tree_drafts_are_refused_where_they_are_not_exact() -> None:
+    tree = NgramSettings(branches=3)
+    with pytest.raises(ValueError, match="strict greedy"):
+        Decoder(_pair(tiny_llama()), DecodeSettings(temperature=0.7, ngram=tree))
+    with pytest.raises(ValueError, match="strict greedy"):
+        Decoder(_pair(tiny_llama()), DecodeSettings(method="cmasd", verify="relaxed", ngram=tree))
+    with pytest.raises(ValueError, match="decoder-only"):
+        Decoder(_pair(tiny_bart()), DecodeSettings(ngram=tree))
+    with pytest.raises(ValueError, match="ngram.branches"):
+        NgramSettings(branches=0)
