@@ -181,10 +181,21 @@ def load_pair(target: str = DEFAULT_TARGET, drafter: str | None = "ngram", devic
               dtype: str | torch.dtype = "auto", trust_remote_code: bool = False) -> ModelPair:
     """Load a target and its drafter ("ngram", "self", None, or a model name/directory sharing the tokenizer)."""
     loaded = load_model(target, device, dtype, trust_remote_code)
+    return ModelPair(loaded, load_drafter(loaded, drafter, trust_remote_code))
+
+
+def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bool = False) -> LoadedModel | str | None:
+    """A drafter for a loaded target: one of MODEL_DRAFTER_KINDS or None as is, else a model on the target's device
+    and dtype that shares its tokenizer (a distilled drafter with its reduced draft vocabulary)."""
     if drafter is None or drafter in MODEL_DRAFTER_KINDS:
-        return ModelPair(loaded, drafter)
-    draft = load_model(drafter, loaded.model.device, loaded.model.dtype, trust_remote_code)
-    check_same_vocab(loaded.tokenizer, draft.tokenizer, drafter)
-    if draft.is_encoder_decoder != loaded.is_encoder_decoder:
-        raise ModelError(f"drafter {drafter!r} and target {target!r} must both be decoder-only or both encoder-decoder")
-    return ModelPair(loaded, draft)
+        return drafter
+    draft = load_model(drafter, target.model.device, target.model.dtype, trust_remote_code)
+    check_same_vocab(target.tokenizer, draft.tokenizer, drafter)
+    if draft.path is not None:
+        from cmsd.distill import use_draft_vocab
+
+        use_draft_vocab(draft.model, draft.path)
+    if draft.is_encoder_decoder != target.is_encoder_decoder:
+        raise ModelError(f"drafter {drafter!r} and target {target.name!r} must both be decoder-only or both "
+                         "encoder-decoder")
+    return draft

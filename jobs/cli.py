@@ -15,6 +15,7 @@ import click
 
 from jobs.errors import BadInput, JobFailed
 from jobs.calibrate import calibrate
+from jobs.distill import distill
 from jobs.eval import eval_command
 from jobs.k8s import k8s
 
@@ -174,3 +175,4 @@ main.add_command(eval_command)  # cmsd-jobs eval (jobs/eval.py): the nightly eva
 
 if __name__ == "__main__":
     main()
+main.add_command(distill)  # cmsd-jobs distill (jobs/distill.py): a drafter built from the target

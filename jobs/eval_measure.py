@@ -104,11 +104,16 @@ def load_models(suite: Suite) -> Any:
 def build_runners(suite: Suite, pair: Any) -> tuple[list[Runner], dict[str, str]]:
     """A runner per method (in suite order), then per peer; peers that cannot run here are skipped."""
     from cmsd import ModelPair
+    from cmsd.models import load_drafter
 
     runners: list[Runner] = []
     skipped: dict[str, str] = {}
+    drafters = {suite.models.drafter: pair.drafter}  # each drafter model is loaded once
     for m in suite.methods:
-        own = ModelPair(pair.target, "self") if m.settings.method == "specbound" else pair
+        if m.drafter not in (None, *drafters):
+            drafters[m.drafter] = load_drafter(pair.target, m.drafter)
+        own = pair if m.drafter is None else ModelPair(pair.target, drafters[m.drafter])
+        own = ModelPair(pair.target, "self") if m.settings.method == "specbound" else own
         runner = CmsdRunner(m.name, own, m.settings, batched=m.batch, limit=m.limit)
         runner.optional = m.optional
         runners.append(runner)

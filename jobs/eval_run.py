@@ -101,8 +101,9 @@ def history_rows(rec: RunRecord) -> list[dict[str, Any]]:
     meta = {"run_id": rec.run_id, "started": rec.started, "suite": rec.suite.name, "docs_key": rec.key,
             "git_commit": rec.code.get("git_commit"), "target": rec.suite.models.target,
             "drafter": rec.suite.models.drafter, **{k: rec.meas.machine.get(k) for k in MACHINE_KEYS}}
-    return [{**meta, **row, "settings": json.dumps(rec.meas.info[row["method"]].settings, sort_keys=True)}
-            for row in rec.rows]
+    info = rec.meas.info
+    return [{**meta, **row, "settings": json.dumps(info[row["method"]].settings, sort_keys=True),
+             "method_drafter": info[row["method"]].drafter} for row in rec.rows]
 
 
 def write_outputs(rec: RunRecord, out_dir: Path) -> None:

@@ -56,6 +56,7 @@ class RunnerInfo:
     batched: bool
     settings: dict[str, Any] = field(default_factory=dict)
     note: str = ""  # e.g. cmsd decoded it as another method (SpecBound's fallback to AR)
+    drafter: str | None = None  # a cmsd method's drafter ("ngram", a model name or directory)
 
 
 class Runner(ABC):
@@ -79,7 +80,7 @@ class CmsdRunner(Runner):
         self.settings = settings.with_(trace=True)
         measured = ALL_RATES if settings.drafts else ("tokens_per_call",)
         self.info = RunnerInfo(kind="cmsd", measured=measured, lossless=settings.lossless, batched=batched,
-                               settings=settings.to_dict())
+                               settings=settings.to_dict(), drafter=pair.drafter_name)
         self._decoders: dict[int, Any] = {}
 
     def _decoder(self, batch: int) -> Any:

@@ -111,6 +111,7 @@ class MethodEntry:
     batch: bool = True  # also measured at the suite's batch size
     checked: bool = True  # floors and the previous run apply to it
     floors: Floors | None = None  # overrides the suite's floors for this method
+    drafter: str | None = None  # this method's drafter (ngram or a model directory); None: the suite's
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "methods[].name must not be empty")
@@ -276,7 +277,7 @@ def _knob(name: str, value: Any) -> Any:
 # -- reading a suite file ------------------------------------------------------------------------------------
 TOP_LEVEL = ("name", "corpora", "models", "decode", "batch_size", "methods", "peers", "sweep", "calibration_bins",
              "bootstrap_samples", "floors", "tolerances", "execution")
-METHOD_KEYS = ("name", "method", "verify", "settings", "optional", "limit", "batch", "checked", "floors")
+METHOD_KEYS = ("name", "method", "verify", "settings", "optional", "limit", "batch", "checked", "floors", "drafter")
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -302,8 +303,8 @@ def suite_from_dict(data: dict[str, Any], origin: Path | None = None) -> Suite:
     corpora = tuple(_corpus(i, c, origin) for i, c in enumerate(_list(data, "corpora")))
     return Suite(
         name=str(data.get("name") or (origin.stem if origin else "suite")), corpora=corpora,
-        models=_section("models", ModelSpec, data.get("models") or {}),
-        methods=tuple(_method(i, m, base, floors) for i, m in enumerate(_list(data, "methods"))),
+        models=_section("models", ModelSpec, _models(data.get("models") or {}, origin)),
+        methods=tuple(_method(i, m, base, floors, origin) for i, m in enumerate(_list(data, "methods"))),
         peers=tuple(_peer(i, p) for i, p in enumerate(_list(data, "peers"))),
         batch_size=int(data.get("batch_size", 8)), base=base, floors=floors,
         sweep=_section("sweep", SweepSpec, data["sweep"]) if data.get("sweep") else None,
@@ -337,7 +338,14 @@ def _corpus(index: int, data: Any, origin: Path | None) -> SuiteCorpus:
     return _section(where, SuiteCorpus, data)
 
 
-def _method(index: int, data: Any, base: DecodeSettings, floors: Floors) -> MethodEntry:
+def _models(data: Any, origin: Path | None) -> Any:
+    """Model directories given relative to the suite file (hub names and kinds are left alone)."""
+    if not isinstance(data, dict) or origin is None:
+        return data
+    return {**data, **{k: _beside(origin, data[k]) for k in ("target", "drafter") if k in data}}
+
+
+def _method(index: int, data: Any, base: DecodeSettings, floors: Floors, origin: Path | None) -> MethodEntry:
     where = f"methods[{index}]"
     if isinstance(data, str):
         data = {"name": data}
@@ -356,7 +364,8 @@ def _method(index: int, data: Any, base: DecodeSettings, floors: Floors) -> Meth
     own = _section(f"{where}.floors", Floors, {**floors.__dict__, **data["floors"]}) if data.get("floors") else None
     return MethodEntry(name=name, settings=settings, optional=bool(data.get("optional", method == "specbound")),
                        limit=data.get("limit"), batch=bool(data.get("batch", True)),
-                       checked=bool(data.get("checked", method != "ar")), floors=own)
+                       checked=bool(data.get("checked", method != "ar")), floors=own,
+                       drafter=_beside(origin, data["drafter"]) if origin and data.get("drafter") else data.get("drafter"))
 
 
 def _peer(index: int, data: Any) -> PeerEntry:

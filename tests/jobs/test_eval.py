@@ -175,7 +175,8 @@ def tiny_drafter(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_eval_with_a_drafter_model_runs_assisted_generation(tmp_path: Path, corpora: dict[str, Path],
                                                             tiny_target: Path, tiny_drafter: Path) -> None:
-    suite = tiny_suite(corpora, tiny_target, methods=["ar", "cmasd"], batch_size=1,
+    suite = tiny_suite(corpora, tiny_target, batch_size=1,
+                       methods=["ar", "cmasd", {"name": "cmasd-ngram", "method": "cmasd", "drafter": "ngram"}],
                        models={"target": str(tiny_target), "drafter": str(tiny_drafter), "device": "cpu"},
                        peers=["assisted", {"kind": "assisted", "name": "hf-assisted-ct0.2",
                                            "assistant_confidence_threshold": 0.2, "num_assistant_tokens": 4}])
@@ -183,9 +184,12 @@ def test_eval_with_a_drafter_model_runs_assisted_generation(tmp_path: Path, corp
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir(result) / "summary.json").read_text())
     overall = {r["method"]: r for r in summary["rows"] if r["scope"] == "all"}
-    for name in ("cmasd", "hf-assisted", "hf-assisted-ct0.2"):  # all lossless against the target's greedy output
+    for name in ("cmasd", "cmasd-ngram", "hf-assisted", "hf-assisted-ct0.2"):  # all lossless: the greedy output
         assert overall[name]["agreement_with_ar"] == 1.0 and overall[name]["acceptance_rate"] is not None
     assert set(summary["skipped"]) == set()
+    history = pq.read_table(next((tmp_path / "runs" / "history").glob("*.parquet"))).to_pylist()
+    drafters = {row["method"]: row["method_drafter"] for row in history if row["setting"] == "batch-1"}
+    assert drafters["cmasd"] == str(tiny_drafter) and drafters["cmasd-ngram"] == "ngram"  # a method's own drafter
 
 
 @pytest.mark.ray
@@ -290,3 +294,11 @@ def test_eval_on_the_real_model(tmp_path: Path) -> None:
         assert overall[("batch-1", method)]["agreement_with_ar"] == 1.0
     assert overall[("batch-2", "hf-greedy")]["agreement_with_ar"] == 1.0
     assert overall[("batch-1", "cmasd-relaxed")]["tokens_per_call"] >= overall[("batch-1", "cmasd")]["tokens_per_call"]
+
+
+def test_distill_suite_compares_drafters() -> None:
+    suite = load_suite(SUITES / "distill.yaml")
+    drafters = {m.name: m.drafter for m in suite.methods}
+    assert drafters["cmasd-ngram"] == "ngram" and drafters["cmasd-distilled"] is None  # None: the suite's drafter
+    assert suite.models.drafter.endswith("drafters/smollm2-distilled")
+    assert {p.kind for p in suite.peers} >= {"assisted", "prompt-lookup"}
