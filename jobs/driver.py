@@ -57,8 +57,9 @@ class RunReport:
         return {"wall_s": self.wall_s, "actors_ready_s": self.ready_s, "shards_run": sorted(o.index for o in self.outcomes),
                 "retries": self.retries, "actors_replaced": self.replaced, "failed": self.failed,
                 "sum_decode_s": sum(o.decode_s for o in self.outcomes),
-                "workers": [{"pid": w.pid, "node_id": w.node_id, "device": w.device, "load_s": w.load_s}
-                            for w in self.workers]}
+                "actor_peak_rss_mb": max((o.peak_rss_mb for o in self.outcomes), default=None),
+                "workers": [{"pid": w.pid, "node_id": w.node_id, "device": w.device, "load_s": w.load_s,
+                             "weights_mb": w.weights_mb} for w in self.workers]}
 
 
 @dataclass

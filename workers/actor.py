@@ -33,7 +33,7 @@ class ShardWorker:
         self._decoder = Decoder(self._pair, config.decode)
         self._store = JobStore(config.job_uri)
         self._info = WorkerInfo(pid=os.getpid(), node_id=_node_id(), device=str(self._pair.device),
-                                load_s=time.perf_counter() - start)
+                                load_s=time.perf_counter() - start, weights_mb=_weights_mb(self._pair))
 
     def info(self) -> WorkerInfo:
         return self._info
@@ -56,7 +56,7 @@ class ShardWorker:
         total = DocStats.total([g.stats for g in generations])
         return ShardOutcome(index=task.index, rows=results.num_rows, attempt=task.attempt,
                             node_id=self._info.node_id, pid=self._info.pid, decode_s=decode_s,
-                            wall_s=time.perf_counter() - start, stats=total.to_dict())
+                            wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb())
 
     def _read_shard(self, task: ShardTask) -> pa.Table:
         data = self._store.read_bytes(shard_path(task.index))
@@ -66,6 +66,20 @@ class ShardWorker:
         if shard.num_rows != task.rows:
             raise ValueError(f"{shard_path(task.index)}: {shard.num_rows} rows, manifest says {task.rows}")
         return shard
+
+
+def _weights_mb(pair) -> float:
+    models = [pair.target.model] + ([pair.drafter.model] if hasattr(pair.drafter, "model") else [])
+    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
+    return sum({t.data_ptr(): t.nbytes for t in tensors}.values()) / 2**20  # tied weights counted once
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _node_id() -> str:

@@ -44,6 +44,7 @@ class WorkerInfo:
     node_id: str
     device: str
     load_s: float  # model load wall seconds in the actor's constructor
+    weights_mb: float = 0.0  # bytes of the target's and the drafter's weights and buffers, in MiB
 
 
 @dataclass(frozen=True)
@@ -58,3 +59,4 @@ class ShardOutcome:
     decode_s: float  # wall seconds inside Decoder.generate
     wall_s: float  # the whole call: read, decode, write
     stats: dict[str, float] = field(default_factory=dict)  # the shard's DocStats, summed
+    peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far, in MiB

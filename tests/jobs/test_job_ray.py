@@ -91,6 +91,8 @@ def test_a_job_with_bad_rows_completes(bad_rows_job: JobResult) -> None:
     assert overall["rouge1"] is not None and overall["scored_docs"] == 10 and overall["bleu"] is None
     assert overall["agreement_with_ar"] is None and overall["speedup_vs_ar"] is None
     assert summary["run"]["sum_decode_s"] > 0 and summary["run"]["wall_s"] > 0
+    weights = summary["run"]["workers"][0]["weights_mb"]  # the tiny target: 49152 x 32 tied floats and 2 layers
+    assert 6 < weights < 7 and weights < summary["run"]["actor_peak_rss_mb"] < 4096
 
 
 def test_the_job_directory_holds_what_design_md_lists(bad_rows_job: JobResult) -> None:
