@@ -71,7 +71,7 @@ class Decoder:
                              "verify 'strict' (or a method without a relaxed rule)")
         if self.tree and pair.target.model.config.is_encoder_decoder:
             raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
-        self.eos = _eos_ids(pair.target)
+        self.eos = eos_ids(pair.target)
 
     # -- text level ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
@@ -245,7 +245,7 @@ def _trace(row: _Row, i: int, draft: Draft, verdict: Verdict, k: torch.Tensor, t
         row.trace[name].extend(values)
 
 
-def _eos_ids(model: LoadedModel) -> set[int]:
+def eos_ids(model: LoadedModel) -> set[int]:
     ids: set[int] = set()
     for source in (model.model.generation_config, model.model.config, model.tokenizer):
         value = getattr(source, "eos_token_id", None) if source is not None else None

@@ -25,7 +25,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,7 +105,7 @@ def teacher_targets(target: PreTrainedModel, seqs: list[list[int]], answer_start
                        [out[i][1] for i in range(len(seqs))])
 
 
-def draft_vocabulary(data: TeacherData, size: int, vocab_size: int, always: set[int] = frozenset()) -> torch.Tensor:
+def draft_vocabulary(data: TeacherData, size: int, vocab_size: int, always: Collection[int] = ()) -> torch.Tensor:
     """The `size` ids the target predicts (top-1) most often, plus `always` (EOS); all ids when size is 0 or the
     whole vocabulary. Sorted ascending."""
     if size == 0 or size >= vocab_size:

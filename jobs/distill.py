@@ -64,6 +64,7 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
     import torch
 
     from cmsd import ModelError, load_pair
+    from cmsd.decode import eos_ids
     from cmsd.distill import (DistillSettings, TeacherData, draft_vocabulary, evaluate, init_drafter,
                               save_drafter, teacher_targets, train)
 
@@ -109,14 +110,14 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
                  for p, ref in r[part] if ref]
         return Sequences([p + r for p, r in pairs], [len(p) for p, _ in pairs])
 
-    held = stage("heldout", lambda: generated(slice(0, min(eval_docs, holdout))))
+    held_rows = slice(0, min(eval_docs, holdout))
+    held = stage("heldout", lambda: generated(held_rows))
     gen = stage("generated", lambda: generated(slice(holdout, holdout + docs)))
     text = stage("text", lambda: texts(slice(holdout + docs, holdout + docs + text_docs)))
     data = gen + text
     if not data.seqs:
         raise BadInput("no training rows: the corpora have no rows after the held-out ones")
-    eos = {i for i in [tok.eos_token_id, pair.target.model.generation_config.eos_token_id] if isinstance(i, int)}
-    vocab = draft_vocabulary(data, draft_vocab, pair.target.model.config.vocab_size, eos)
+    vocab = draft_vocabulary(data, draft_vocab, pair.target.model.config.vocab_size, eos_ids(pair.target))
     student = init_drafter(pair.target.model, layers)
     before = evaluate(student, vocab, held)
     say(f"before training: held-out agreement {before.agreement:.3f}, tokens/call at k=4 "
@@ -132,7 +133,8 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
     say(f"after {state.step} steps: held-out agreement {after.agreement:.3f}, tokens/call at k=4 "
         f"{after.tokens_per_call:.2f}, KL {after.kl:.3f}, draft-vocabulary coverage {after.coverage:.3f}")
     per_corpus, start = {}, 0
-    for path, count in zip(corpora, [len(r[:min(eval_docs, holdout)]) for r in rows.values()]):
+    for path, corpus_rows in rows.items():  # the held-out sequences are in corpus order
+        count = len(corpus_rows[held_rows])
         per_corpus[path] = asdict(evaluate(student, vocab, held.part(start, start + count)))
         start += count
     meta = {"target": target, "corpora": list(corpora), "layers": layers, "steps": state.step,
@@ -141,9 +143,10 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
             "heldout_before": asdict(before), "heldout": asdict(after), "heldout_per_corpus": per_corpus,
             "loss_first": state.losses[0] if state.losses else None,
             "loss_last": sum(state.losses[-20:]) / len(state.losses[-20:]) if state.losses else None}
-    save_drafter(student, tok, vocab, out, _card(meta, len(vocab)), meta)
+    card = _card(meta, len(vocab))
+    save_drafter(student, tok, vocab, out, card, meta)
     (out / "distill.json").write_text(json.dumps(meta, indent=2))
-    click.echo(_card(meta, len(vocab)))
+    click.echo(card)
     click.echo(f"saved {out} (use it as --drafter {out})")
 
 

@@ -365,7 +365,7 @@ def _method(index: int, data: Any, base: DecodeSettings, floors: Floors, origin:
     return MethodEntry(name=name, settings=settings, optional=bool(data.get("optional", method == "specbound")),
                        limit=data.get("limit"), batch=bool(data.get("batch", True)),
                        checked=bool(data.get("checked", method != "ar")), floors=own,
-                       drafter=_beside(origin, data["drafter"]) if origin and data.get("drafter") else data.get("drafter"))
+                       drafter=_beside(origin, data.get("drafter")) if origin else data.get("drafter"))
 
 
 def _peer(index: int, data: Any) -> PeerEntry:

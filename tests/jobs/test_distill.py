@@ -31,6 +31,7 @@ def test_distill_builds_a_drafter_directory(tmp_path: Path, tiny_target: Path) -
     held = meta["heldout"]
     assert held["positions"] > 0 and 1.0 <= held["tokens_per_call"] <= 5.0 and 0 <= held["agreement"] <= 1
     assert held["kl"] < meta["heldout_before"]["kl"]
+    assert meta["heldout_per_corpus"][str(corpus)]["positions"] == held["positions"]  # one corpus: all of it
     assert len(json.loads((out / "draft_vocab.json").read_text())["ids"]) == 512
     card = (out / "README.md").read_text()
     assert "held-out top-1 agreement" in card and str(corpus) in card
