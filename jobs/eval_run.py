@@ -73,6 +73,12 @@ def check_inputs(suite_file: str, address: str | None) -> tuple[Suite, DocSet]:
     if address:
         suite = replace(suite, execution=replace(suite.execution, address=address))
     checked = check_models(suite.models, DecodeSettings(method="ar"))
+    for m in suite.methods:  # a method's own drafter: found, and sharing the target's tokenizer
+        if m.drafter not in (None, suite.models.drafter):
+            try:
+                check_models(replace(suite.models, drafter=m.drafter), DecodeSettings(method="ar"))
+            except BadInput as err:
+                raise BadInput(f"methods {m.name!r}: {err}") from err
     docs = prepare_docs(suite, checked.tokenizer, checked.max_context)
     sweep = suite.sweep
     if sweep and sweep.quality != "agreement_with_ar" and not any(

@@ -96,6 +96,8 @@ def test_k8s_suite_follows_the_format() -> None:
     ({"sweep": {"grid": {"alpha": [1], "beta": [2]}}}, "unknown knob"),
     ({"decode": {"max_new_tokens": 0}}, "max_new_tokens"),
     ({"corpora": [{"path": "/nonexistent/x.jsonl", "task": "summarization"}]}, "/nonexistent/x.jsonl"),
+    ({"methods": ["ar", {"name": "mine", "method": "cmasd", "drafter": "/nonexistent/drafter"}]},
+     "methods 'mine': cannot load model '/nonexistent/drafter'"),
 ])
 def test_bad_suite_exits_2_naming_the_problem(tmp_path: Path, corpora: dict[str, Path], tiny_target: Path,
                                               change: dict[str, Any], message: str) -> None:
