@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
+from cmsd.kernels import decode_kernels
 from cmsd.kv import HoleyState, SyncState, open_state
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.selfspec import SelfSpecPlan
@@ -65,6 +66,11 @@ class Decoder:
             self.settings = settings
         self.rule = Rule(threshold=settings.control if settings.threshold_rule else None,
                          margin=settings.margin if settings.margin_rule else None)
+        if settings.ngram.branches == 0:  # auto: a tree where it can be verified exactly
+            greedy_tree = (settings.temperature == 0 and self.rule.strict
+                           and not pair.target.model.config.is_encoder_decoder)
+            settings = settings.with_(ngram=replace(settings.ngram, branches=2 if greedy_tree else 1))
+            self.settings = settings
         self.tree = settings.drafts and pair.drafter == "ngram" and settings.ngram.branches > 1
         if self.tree and (settings.temperature > 0 or not self.rule.strict):
             raise ValueError("ngram.branches > 1 (tree drafts) needs strict greedy decoding: temperature 0 and "
@@ -72,6 +78,8 @@ class Decoder:
         if self.tree and pair.target.model.config.is_encoder_decoder:
             raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
         self.eos = eos_ids(pair.target)
+        on_cpu = pair.device.type == "cpu"
+        self.verify_tokens = settings.verify_tokens or (4 if on_cpu else 0)  # 0: no limit
 
     # -- text level ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
@@ -119,12 +127,20 @@ class Decoder:
         rows = [_Row(d, len(p), min(settings.max_new_tokens, self.pair.max_context - len(p)),
                      trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None) for d, p in zip(doc_ids, prompts)]
         capacity = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * settings.control.k_max + 8
+        drafter_model = self.pair.drafter.model if isinstance(self.pair.drafter, LoadedModel) else None
+        with decode_kernels([self.pair.target.model, drafter_model], settings.small_rows):
+            return self._decode_rows(prompts, rows, capacity, sampler, generator, started)
+
+    def _decode_rows(self, prompts: list[list[int]], rows: list[_Row], capacity: int, sampler: Sampler,
+                     generator: torch.Generator, started: float) -> list[Generation]:
+        settings, device = self.settings, self.pair.device
         target, pending, drafter = self._open(prompts, capacity, sampler)  # 1. prefill
         controller = Controller(settings, len(prompts), device)
         live = list(range(len(rows)))
         iteration = 0
         while live:
-            budget = torch.tensor([rows[r].budget - len(rows[r].tokens) - 1 for r in live], device=device)
+            share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
+            budget = torch.tensor([min(share, rows[r].budget - len(rows[r].tokens) - 1) for r in live], device=device)
             k = controller.draft_lengths(budget)  # 2. how far to draft
             controller.begin_draft()
             draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)

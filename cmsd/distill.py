@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from cmsd.kernels import linear
+
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 Progress = Callable[[int, dict[str, float]], None]  # (steps done, numbers to show)
 
@@ -326,7 +328,7 @@ class DraftVocabHead(torch.nn.Module):
         self.register_buffer("weight_sub", weight[ids].detach().clone())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        sub = hidden @ self.weight_sub.T
+        sub = linear(hidden, self.weight_sub)
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), -1e4)
         out[..., self.ids] = sub
         return out

@@ -248,8 +248,8 @@ class NgramDrafter(Drafter):
 
 
 class NgramTreeDrafter(NgramDrafter):
-    """Prompt lookup drafting a tree (strict greedy only): per row a trie of up to settings.tree_tokens candidate
-    tokens, at most k[b] deep, grown best first by the product of q along each path, which must reach
+    """Prompt lookup drafting a tree (strict greedy only): per row a trie of up to min(settings.tree_tokens, k[b])
+    candidate tokens, grown best first by the product of q along each path, which must reach
     settings.tree_min_p. A node's children are the settings.branches likeliest tokens after it: those of the longest
     matching suffix, then of shorter ones. The controller's keep gate is not used: tree_min_p plays its part."""
 
@@ -285,10 +285,11 @@ class NgramTreeDrafter(NgramDrafter):
                         heapq.heappush(heap, (-score * q, next(tie), parent, token, len(logq) - 1, path))
 
         grow(-1, 1.0, [])
-        while heap and len(nodes) < self.settings.tree_tokens:
+        size = min(self.settings.tree_tokens, depth)
+        while heap and len(nodes) < size:
             score, _, parent, token, dist, path = heapq.heappop(heap)
             nodes.append((parent, token, dist))
-            if len(nodes) < self.settings.tree_tokens:
+            if len(nodes) < size:
                 grow(len(nodes) - 1, -score, path + [token])
         if not nodes:
             return [], [], None

@@ -55,6 +55,19 @@ class BufferedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 
+    def place(self, row: int, batch: int, length: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Prefill: write one row's keys/values [1, heads, n, dim] into the last n of `length` slots of a batch
+        cache (the slots before them stay zeros: holes of a finite value)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+            if length > self.capacity:
+                self._grow(length)
+            self._k[:, :, :length], self._v[:, :, :length] = 0, 0
+        n = keys.shape[-2]
+        self._k[row, :, length - n:length], self._v[row, :, length - n:length] = keys[0], values[0]
+        self.length = length
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
     def _grow(self, capacity: int) -> None:
         for name in ("_k", "_v"):
             old = getattr(self, name)
@@ -101,15 +114,17 @@ class HoleyState:
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # [B] next position of each row
         self.fresh = self.mask.bool()  # [B, slots fed since the last commit]
         width = max(len(p) for p in prompts)
-        if width:  # left-pad the prompts into one prefill (this is not a verification step)
-            tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        if width:  # each prompt prefilled alone (no work on padding), its cache placed left-padded in the batch's
             valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
             for row, prompt in enumerate(prompts):
                 if prompt:
-                    tokens[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+                    single = buffered_cache(model, len(prompt))
+                    model(input_ids=torch.tensor([prompt], device=device), past_key_values=single, use_cache=True,
+                          logits_to_keep=1)
+                    for layer, part in zip(self.cache.layers, single.layers):
+                        layer.place(row, batch, width, part.keys, part.values)
                     valid[row, width - len(prompt):] = True
-            self.feed(tokens, valid, logits=False)
-            self.commit(valid.sum(1))
+            self.mask, self.pos = valid.long(), valid.sum(1)
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True,

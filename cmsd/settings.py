@@ -88,16 +88,17 @@ class NgramSettings:
     min_ngram: int = 1  # shortest suffix looked up
     min_count: int = 1  # fewer matches than this: no draft
     kappa: float = 1.5  # continuations after an n-token match get weight n / (n + kappa) in q; the rest is uniform
-    branches: int = 1  # candidate tokens per node of a tree draft; 1 = one chain (more: strict greedy only)
-    tree_tokens: int = 10  # the most drafted tokens (tree nodes) per row and iteration when branches > 1
-    tree_min_p: float = 0.15  # ... and no node whose path's product of q (its estimated acceptance) is under this
+    branches: int = 0  # candidate tokens per node of a tree draft; 1 = one chain (more: strict greedy only);
+    #                    0 = auto: 2 for strict greedy decoding of a decoder-only target, else 1
+    tree_tokens: int = 10  # the most drafted tokens (tree nodes) per row and iteration (and at most k_j) in a tree
+    tree_min_p: float = 0.1  # ... and no node whose path's product of q (its estimated acceptance) is under this
 
     def __post_init__(self) -> None:
         _check(self.min_ngram >= 1, f"ngram.min_ngram must be >= 1, got {self.min_ngram}")
         _check(self.max_ngram >= self.min_ngram, f"ngram.max_ngram must be >= min_ngram, got {self.max_ngram}")
         _check(self.min_count >= 1, f"ngram.min_count must be >= 1, got {self.min_count}")
         _check(self.kappa >= 0, f"ngram.kappa must be >= 0, got {self.kappa}")
-        _check(self.branches >= 1, f"ngram.branches must be >= 1, got {self.branches}")
+        _check(self.branches >= 0, f"ngram.branches must be >= 0, got {self.branches}")
         _check(self.tree_tokens >= 1, f"ngram.tree_tokens must be >= 1, got {self.tree_tokens}")
         _check(0 <= self.tree_min_p <= 1, f"ngram.tree_min_p must be in [0, 1], got {self.tree_min_p}")
 
@@ -135,6 +136,10 @@ class DecodeSettings:
     batch_size: int = 8
     stop: tuple[str, ...] = ()  # stop strings (text level); EOS always stops
     trace: bool = True  # keep the per-drafted-token trace
+    small_rows: int = 8  # on CPU, a linear layer fed at most this many tokens reads its weight once (cmsd.kernels); 0 = torch's x @ W.T
+    verify_tokens: int = 0  # the most tokens one verify pass carries (rows x (1 + drafts)): a row drafts at most
+    #                         verify_tokens // rows - 1; 0 = auto: 4 on CPU, where more make the pass compute bound
+    #                         (scripts/verify_cost.py), no limit on a GPU
     confidence: ConfidenceSettings = field(default_factory=ConfidenceSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
     margin: MarginSettings = field(default_factory=MarginSettings)
@@ -148,6 +153,8 @@ class DecodeSettings:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.small_rows >= 0, f"small_rows must be >= 0, got {self.small_rows}")
+        _check(self.verify_tokens >= 0, f"verify_tokens must be >= 0, got {self.verify_tokens}")
 
     # What the method does, decided once here (no string checks in the decode loop).
     @property

@@ -9,7 +9,7 @@ from cmsd import DecodeSettings, Decoder, load_pair
 from cmsd.distill import (DistillSettings, DraftVocabHead, TeacherData, draft_vocabulary, evaluate, init_drafter,
                           save_drafter, student_logits, teacher_targets, train, use_draft_vocab)
 from tests.raytest import tiny_target  # noqa: F401  (fixture)
-from tests.tiny import TINY_VOCAB, random_prompts, tiny_llama
+from tests.tiny import TINY_VOCAB, UNCAPPED, random_prompts, tiny_llama
 
 
 def _data(target, seed: int, count: int) -> TeacherData:
@@ -89,7 +89,7 @@ def test_a_saved_drafter_loads_as_a_drafter_and_strict_output_is_greedy(tmp_path
     prompts = [s[:30] for s in seqs[:4]]
     greedy = [g.token_ids for g in Decoder(pair, DecodeSettings(method="ar", max_new_tokens=12)).generate_ids(prompts)]
     for batch in (1, 3):
-        settings = DecodeSettings(method="cmasd", verify="strict", max_new_tokens=12, batch_size=batch)
+        settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", verify="strict", max_new_tokens=12, batch_size=batch)
         gens = Decoder(loaded, settings).generate_ids(prompts)
         assert [g.token_ids for g in gens] == greedy
         assert sum(g.stats.drafted for g in gens) > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair
-from tests.tiny import greedy_reference, perturbed, random_prompts, tiny_bart, tiny_llama
+from tests.tiny import UNCAPPED, greedy_reference, perturbed, random_prompts, tiny_bart, tiny_llama
 
 NEW = 16
 FAMILIES = {"llama": tiny_llama, "bart": tiny_bart}
@@ -31,7 +31,7 @@ def test_strict_equals_greedy(family: str, seed: int) -> None:
         for method in ("specdec", "adaptive-k", "cmasd", "cmasd+margin"):
             for batch, k_max in ((1, 1 + seed), (3, 4 + seed), (8, 8)):
                 control = ControlSettings(k=min(k_max, 4), k_max=k_max, k_min=1)
-                settings = DecodeSettings(method=method, verify="strict", max_new_tokens=NEW, batch_size=batch,
+                settings = DecodeSettings(verify_tokens=UNCAPPED, method=method, verify="strict", max_new_tokens=NEW, batch_size=batch,
                                           control=control)
                 gens = Decoder(_pair(target, drafter), settings).generate_ids(prompts)
                 got = [g.token_ids for g in gens]
@@ -45,7 +45,7 @@ def test_drafts_are_actually_accepted(family: str) -> None:
     prompts = random_prompts(0, 6)
     for drafter, low, high in (("itself", 0.99, 1.0), ("perturbed", 0.05, 0.99)):
         model = target if drafter == "itself" else perturbed(target, 0.004, 0)
-        settings = DecodeSettings(method="specdec", max_new_tokens=NEW, batch_size=3)
+        settings = DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=NEW, batch_size=3)
         gens = Decoder(_pair(target, model), settings).generate_ids(prompts)
         drafted = sum(g.stats.drafted for g in gens)
         accepted = sum(g.stats.accepted for g in gens)
@@ -69,7 +69,7 @@ def test_eos_and_budget_are_honoured() -> None:
     free = [greedy_reference(target, p, NEW) for p in prompts]
     eos = free[0][5]  # make a token the greedy output emits into EOS
     target.generation_config.eos_token_id = eos
-    gens = Decoder(_pair(target, "ngram"), DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=4)).generate_ids(prompts)
+    gens = Decoder(_pair(target, "ngram"), DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", max_new_tokens=NEW, batch_size=4)).generate_ids(prompts)
     for gen, ref in zip(gens, free):
         cut = ref[: ref.index(eos) + 1] if eos in ref else ref
         assert gen.token_ids == cut

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cmsd import DecodeSettings, Decoder, NgramSettings, PromptTemplate
+from tests.tiny import UNCAPPED
 
 DATA = Path(__file__).resolve().parents[2] / "jobs" / "data" / "demo.jsonl"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -41,7 +42,7 @@ def test_strict_cmasd_with_ngram_equals_transformers_greedy(smollm2_ngram) -> No
         out = pair.target.model.generate(**ids, max_new_tokens=NEW, do_sample=False, num_beams=1)
         reference.append(out[0, ids["input_ids"].shape[1]:].tolist())
     for batch in (1, 8):
-        settings = DecodeSettings(method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=batch)
+        settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=batch)
         gens = Decoder(pair, settings).generate(prompts, [d["id"] for d in docs])
         same = [g.token_ids == r for g, r in zip(gens, reference)]
         agreement = [sum(a == b for a, b in zip(g.token_ids, r)) / max(len(r), 1) for g, r in zip(gens, reference)]
@@ -58,7 +59,7 @@ def test_relaxed_cmasd_runs_and_reports(smollm2_ngram) -> None:
     pair = smollm2_ngram
     docs = _documents(4)
     prompts = [PromptTemplate("summarization").render(pair.tokenizer, d["source"]) for d in docs]
-    settings = DecodeSettings(method="cmasd+margin", verify="relaxed", max_new_tokens=NEW, batch_size=4)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd+margin", verify="relaxed", max_new_tokens=NEW, batch_size=4)
     gens = Decoder(pair, settings).generate(prompts)
     stats = sum((g.stats for g in gens), start=type(gens[0].stats)())
     rates = stats.rates()
@@ -73,7 +74,7 @@ def test_strict_tree_drafts_equal_transformers_greedy(smollm2_ngram) -> None:
     prompts = [PromptTemplate("summarization").render(pair.tokenizer, d["source"]) for d in docs]
     ar = Decoder(pair, DecodeSettings(method="ar", max_new_tokens=NEW, batch_size=3)).generate(prompts)
     tree = NgramSettings(branches=3, tree_tokens=10, tree_min_p=0.1)
-    settings = DecodeSettings(method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=3, ngram=tree)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=3, ngram=tree)
     gens = Decoder(pair, settings).generate(prompts)
     assert [g.token_ids for g in gens] == [g.token_ids for g in ar]
     assert sum(g.stats.target_calls for g in gens) < sum(g.stats.target_calls for g in ar)
@@ -105,6 +106,6 @@ def test_a_drafter_distilled_from_smollm2_drafts_and_stays_lossless(smollm2_ngra
     prompts = [template.render(pair.tokenizer, d["source"]) for d in docs[:3]]
     greedy = Decoder(pair, DecodeSettings(method="ar", max_new_tokens=24)).generate(prompts)
     for batch in (1, 3):
-        gens = Decoder(distilled, DecodeSettings(method="specdec", max_new_tokens=24, batch_size=batch)).generate(prompts)
+        gens = Decoder(distilled, DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=24, batch_size=batch)).generate(prompts)
         assert [g.token_ids for g in gens] == [g.token_ids for g in greedy]
         assert sum(g.stats.drafted for g in gens) > 0

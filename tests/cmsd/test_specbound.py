@@ -10,13 +10,13 @@ import torch
 from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair
 from cmsd.selfspec import Calibration, LayeredState, calibrate, calibration_path, predicted_speedup
 from cmsd.settings import SpecBoundSettings
-from tests.tiny import greedy_reference, random_prompts, tiny_bart, tiny_llama
+from tests.tiny import UNCAPPED, greedy_reference, random_prompts, tiny_bart, tiny_llama
 
 NEW = 16
 
 
 def _decode(target, prompts, batch: int, **specbound) -> list:
-    settings = DecodeSettings(method="specbound", max_new_tokens=NEW, batch_size=batch,
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specbound", max_new_tokens=NEW, batch_size=batch,
                               specbound=SpecBoundSettings(**specbound), control=ControlSettings(k_max=5))
     return Decoder(ModelPair(LoadedModel("tiny", target, None), "self"), settings).generate_ids(prompts)
 
@@ -94,7 +94,7 @@ def test_specbound_with_a_bound_that_stops_drafts_early(tmp_path, monkeypatch) -
     monkeypatch.setenv("CMSD_CACHE", str(tmp_path))
     target = tiny_llama(seed=11, layers=4)
     prompts = random_prompts(11, 5)
-    settings = DecodeSettings(method="specbound", max_new_tokens=NEW, batch_size=3, control=ControlSettings(k_max=8),
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specbound", max_new_tokens=NEW, batch_size=3, control=ControlSettings(k_max=8),
                               specbound=SpecBoundSettings(exit_layer=3, temperature=0.05, bound=0.4, bound_min=0.3))
     gens = Decoder(ModelPair(LoadedModel("tiny", target, None), "self"), settings).generate_ids(prompts)
     assert [g.token_ids for g in gens] == [greedy_reference(target, p, NEW) for p in prompts]

@@ -11,7 +11,7 @@ import cmsd.decode
 from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair, NgramSettings
 from cmsd.kv import HoleyState
 from cmsd.verify import verify_tree
-from tests.tiny import TINY_VOCAB, greedy_reference, tiny_bart, tiny_llama
+from tests.tiny import TINY_VOCAB, UNCAPPED, greedy_reference, tiny_bart, tiny_llama
 
 NEW = 24
 TREES = ((2, 6, 0.0), (3, 10, 0.0), (4, 12, 0.15))  # branches, tree_tokens, tree_min_p
@@ -35,7 +35,7 @@ def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
 
 def _settings(branches: int, tree_tokens: int, min_p: float, batch: int, method: str = "cmasd") -> DecodeSettings:
     ngram = NgramSettings(max_ngram=4, branches=branches, tree_tokens=tree_tokens, tree_min_p=min_p)
-    return DecodeSettings(method=method, verify="strict", max_new_tokens=NEW, batch_size=batch,
+    return DecodeSettings(verify_tokens=UNCAPPED, method=method, verify="strict", max_new_tokens=NEW, batch_size=batch,
                           control=ControlSettings(k=4, k_min=2, k_max=6), ngram=ngram)
 
 
@@ -112,4 +112,4 @@ def test_tree_drafts_are_refused_where_they_are_not_exact() -> None:
     with pytest.raises(ValueError, match="decoder-only"):
         Decoder(_pair(tiny_bart()), DecodeSettings(ngram=tree))
     with pytest.raises(ValueError, match="ngram.branches"):
-        NgramSettings(branches=0)
+        NgramSettings(branches=-1)

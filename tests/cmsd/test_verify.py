@@ -77,7 +77,7 @@ def test_speculative_sampling_matches_target_distribution() -> None:
 def test_sampled_decoding_matches_ar_sampling_distribution(family: str) -> None:
     """End to end on a tiny vocabulary: the first two tokens of speculative sampling follow the target's law."""
     from cmsd import DecodeSettings, Decoder, LoadedModel, ModelPair
-    from tests.tiny import perturbed, tiny_bart, tiny_llama
+    from tests.tiny import UNCAPPED, perturbed, tiny_bart, tiny_llama
 
     vocab = 5
     target = (tiny_llama if family == "llama" else tiny_bart)(seed=0, vocab=vocab)
@@ -85,7 +85,7 @@ def test_sampled_decoding_matches_ar_sampling_distribution(family: str) -> None:
     prompt = [3, 4, 3] if family == "llama" else [0, 3, 4]
     n = 3000
     pair = ModelPair(LoadedModel("t", target, None), LoadedModel("d", drafter, None))
-    settings = DecodeSettings(method="specdec", max_new_tokens=2, batch_size=n, temperature=1.0, seed=7, trace=False)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=2, batch_size=n, temperature=1.0, seed=7, trace=False)
     gens = Decoder(pair, settings).generate_ids([prompt] * n)
     got = torch.tensor([g.token_ids for g in gens])  # [n, 2]
     # exact law of the first two tokens under the target
