@@ -4,7 +4,7 @@ A verify pass feeds each row 1 + k tokens, so a linear layer multiplies a handfu
 x @ W.T (MKL sgemm) on CPU runs 2 or 3 rows as that many passes over the weight, so verifying 2 drafts costs about
 twice a 1-token step and SmolLM2-135M's forward goes 47 ms (1 token) -> 99 ms (3 tokens) on 2 cores. The same product
 computed as (W @ x.T).T streams the weight once for any small row count: the forward is then bound by reading the
-weights, as it is on a GPU, and costs 32 / 34 / 43 / 38 ms for 1 / 2 / 3 / 4 tokens (scripts/verify_cost.py). On a GPU
+weights, as it is on a GPU: with packed attention (below) 30 / 31 / 34 / 34 ms for 1 / 2 / 3 / 4 tokens (scripts/verify_cost.py). On a GPU
 cuBLAS already reads the weight once for skinny products; nothing changes there.
 
 Attention of a multi-token pass: with grouped-query attention and a mask (every verify pass: the cache has holes,
