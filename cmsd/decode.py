@@ -66,20 +66,19 @@ class Decoder:
             self.settings = settings
         self.rule = Rule(threshold=settings.control if settings.threshold_rule else None,
                          margin=settings.margin if settings.margin_rule else None)
-        if settings.ngram.branches == 0:  # auto: a tree where it can be verified exactly
-            greedy_tree = (settings.temperature == 0 and self.rule.strict
-                           and not pair.target.model.config.is_encoder_decoder)
-            settings = settings.with_(ngram=replace(settings.ngram, branches=2 if greedy_tree else 1))
+        greedy = settings.temperature == 0 and self.rule.strict
+        decoder_only = not pair.target.model.config.is_encoder_decoder
+        if settings.ngram.branches == 0:  # auto: a tree where it is exact
+            settings = settings.with_(ngram=replace(settings.ngram, branches=2 if greedy and decoder_only else 1))
             self.settings = settings
         self.tree = settings.drafts and pair.drafter == "ngram" and settings.ngram.branches > 1
-        if self.tree and (settings.temperature > 0 or not self.rule.strict):
+        if self.tree and not greedy:
             raise ValueError("ngram.branches > 1 (tree drafts) needs strict greedy decoding: temperature 0 and "
                              "verify 'strict' (or a method without a relaxed rule)")
-        if self.tree and pair.target.model.config.is_encoder_decoder:
+        if self.tree and not decoder_only:
             raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
         self.eos = eos_ids(pair.target)
-        on_cpu = pair.device.type == "cpu"
-        self.verify_tokens = settings.verify_tokens or (4 if on_cpu else 0)  # 0: no limit
+        self.verify_tokens = settings.verify_tokens or (4 if pair.device.type == "cpu" else 0)  # 0: no limit
 
     # -- text level ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,

@@ -4,8 +4,8 @@ A verify pass feeds each row 1 + k tokens, so a linear layer multiplies a handfu
 x @ W.T (MKL sgemm) on CPU runs 2 or 3 rows as that many passes over the weight, so verifying 2 drafts costs about
 twice a 1-token step and SmolLM2-135M's forward goes 47 ms (1 token) -> 99 ms (3 tokens) on 2 cores. The same product
 computed as (W @ x.T).T streams the weight once for any small row count: the forward is then bound by reading the
-weights, as it is on a GPU: with packed attention (below) 30 / 31 / 34 / 34 ms for 1 / 2 / 3 / 4 tokens (scripts/verify_cost.py). On a GPU
-cuBLAS already reads the weight once for skinny products; nothing changes there.
+weights, as it is on a GPU: with packed attention (below) 30 / 31 / 34 / 34 ms for 1 / 2 / 3 / 4 tokens
+(scripts/verify_cost.py). On a GPU cuBLAS already reads the weight once for skinny products; nothing changes there.
 
 Attention of a multi-token pass: with grouped-query attention and a mask (every verify pass: the cache has holes,
 a tree has its own mask) transformers' SDPA path copies each key/value head once per query head (repeat_kv). For one
@@ -46,9 +46,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class SmallRowsLinear(nn.Linear):
-    """nn.Linear whose forward goes through `linear` (the class is swapped in place by `decode_kernels`)."""
+    """nn.Linear whose forward goes through `linear` (the class is swapped in place by `decode_kernels`, which also
+    sets `small_rows`)."""
 
-    small_rows = 8
+    small_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.small_rows)
@@ -61,11 +62,14 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
     heads instead of repeating them (module doc)."""
     batch, heads, width, dim = query.shape
     groups = heads // key.shape[1]
-    if groups == 1 or width == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    shared_mask = attention_mask is not None and attention_mask.shape[1] == 1  # one mask for every head
+    if groups == 1 or width == 1 or not shared_mask or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     packed = query.reshape(batch, key.shape[1], groups * width, dim)  # head h = kv * groups + g -> row g * W + t
     mask = attention_mask.repeat(1, 1, groups, 1)
-    out = nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
+                                                     scale=scaling)
     return out.reshape(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
@@ -79,7 +83,7 @@ def decode_kernels(models: list[nn.Module | None], rows: int) -> Iterator[None]:
     and the models on transformers' SDPA attention use `packed_sdpa`."""
     models = list({id(m): m for m in models if m is not None}.values())  # a model may come twice
     layers = [m for model in models if rows > 0 and _on_cpu(model) for m in model.modules() if type(m) is nn.Linear]
-    configs = [m.config for m in models if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
+    configs = [m.config for m in models if getattr(m.config, "_attn_implementation", None) == "sdpa"]
     for layer in layers:
         layer.__class__ = SmallRowsLinear
         layer.small_rows = rows

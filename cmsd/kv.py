@@ -127,8 +127,7 @@ class HoleyState:
             self.mask, self.pos = valid.long(), valid.sum(1)
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True,
-             parents: torch.Tensor | None = None) -> torch.Tensor | None:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, valid: [B, W]; parents: [B, W] for a tree of tokens, the index of each token's parent among
         those fed (-1: none, it follows the row's cache; parents come before their children); None: a chain.
         Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
@@ -137,8 +136,8 @@ class HoleyState:
         else:
             positions, mask = self._tree_slots(valid, parents)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if logits else 1)
-        return out.logits if logits else None
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits
 
     def _tree_slots(self, valid: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Open W slots for a tree of tokens. Returns their positions [B, W] (the row's position plus the depth)
@@ -202,7 +201,7 @@ class SyncState:
         self.length = 0  # T: the committed length shared by all rows
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         new = [row[ok].tolist() for row, ok in zip(tokens, valid)]
         starts = [len(seq) for seq in self.seqs]
         for seq, add in zip(self.seqs, new):
@@ -213,14 +212,13 @@ class SyncState:
         x = torch.zeros(len(chunks), width, dtype=torch.long, device=tokens.device)
         for row, chunk in enumerate(chunks):  # right padding: causal attention keeps it out of real tokens
             x[row, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded), attention_mask=self.enc_mask, decoder_input_ids=x,
-                         past_key_values=self.cache, use_cache=True).logits  # [B, width, V]
-        result = out.new_zeros(*tokens.shape, out.shape[-1]) if logits else None
-        if logits:
-            for row, (start, ok) in enumerate(zip(starts, valid)):
-                cols = ok.nonzero().squeeze(1)
-                offsets = start - self.length + torch.arange(len(cols), device=out.device)
-                result[row, cols] = out[row, offsets]
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded), attention_mask=self.enc_mask,
+                         decoder_input_ids=x, past_key_values=self.cache, use_cache=True).logits  # [B, width, V]
+        result = out.new_zeros(*tokens.shape, out.shape[-1])
+        for row, (start, ok) in enumerate(zip(starts, valid)):
+            cols = ok.nonzero().squeeze(1)
+            offsets = start - self.length + torch.arange(len(cols), device=out.device)
+            result[row, cols] = out[row, offsets]
         self._sync(min(len(seq) for seq in self.seqs))
         return result
 

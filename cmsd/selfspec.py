@@ -61,7 +61,7 @@ class LayeredState(HoleyState):
         return self.model.lm_head(self.body.norm(hidden))
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Verify: layers [L, N) over every slot the exit filled since the last commit; the j-th valid token of a
         row is the row's j-th valid fresh slot. Tokens not yet through the exit go through it first."""
         if not self.hidden:
@@ -70,8 +70,6 @@ class LayeredState(HoleyState):
         hidden, positions = torch.cat(self.hidden, 1), torch.cat(self.hidden_pos, 1)
         self.hidden, self.hidden_pos = [], []
         hidden = self._layers(hidden, positions, self.exit_layer, len(self.body.layers))
-        if not logits:
-            return None
         order = torch.sort((~self.fresh).long(), dim=1, stable=True).indices[:, :tokens.shape[1]]  # valid slots first
         hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.lm_head(self.body.norm(hidden))
