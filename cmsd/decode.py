@@ -15,7 +15,7 @@ import torch
 
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
-from cmsd.kernels import decode_kernels
+from cmsd.kernels import decode_kernels, forward_costs
 from cmsd.kv import HoleyState, SyncState, open_state
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.selfspec import SelfSpecPlan
@@ -78,7 +78,8 @@ class Decoder:
         if self.tree and not decoder_only:
             raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
         self.eos = eos_ids(pair.target)
-        self.verify_tokens = settings.verify_tokens or (4 if pair.device.type == "cpu" else 0)  # 0: no limit
+        self.costs: tuple[float, ...] | None = None  # measured cost of a pass over 1..MAX_PASS tokens (auto budget)
+        self.verify_tokens = settings.verify_tokens  # 0: resolved at the first decode (measured on CPU)
 
     # -- text level ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
@@ -128,6 +129,9 @@ class Decoder:
         capacity = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * settings.control.k_max + 8
         drafter_model = self.pair.drafter.model if isinstance(self.pair.drafter, LoadedModel) else None
         with decode_kernels([self.pair.target.model, drafter_model], settings.small_rows):
+            if not settings.verify_tokens and settings.drafts:
+                self.costs = forward_costs(self.pair.target.model, MAX_PASS)
+                self.verify_tokens = pass_budget(self.costs, self.pair.device)
             return self._decode_rows(prompts, rows, capacity, sampler, generator, started)
 
     def _decode_rows(self, prompts: list[list[int]], rows: list[_Row], capacity: int, sampler: Sampler,
@@ -138,9 +142,12 @@ class Decoder:
         live = list(range(len(rows)))
         iteration = 0
         while live:
-            share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
+            if self.tree and self.costs and len(live) == 1:  # a single row's tree prices its nodes (its cut)
+                share = len(self.costs) - 1
+            else:
+                share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
             budget = torch.tensor([min(share, rows[r].budget - len(rows[r].tokens) - 1) for r in live], device=device)
-            k = controller.draft_lengths(budget)  # 2. how far to draft
+            k = budget.clamp(min=0) if self.tree else controller.draft_lengths(budget)  # 2. how far to draft
             controller.begin_draft()
             draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)
             verdict, draft, tau = self._verify(target, pending, draft, controller, generator)  # 3. verify, 4. roll back
@@ -197,9 +204,11 @@ class Decoder:
             return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":
             vocab = model.config.get_text_config(decoder=True).vocab_size
-            kind = NgramTreeDrafter if self.tree else NgramDrafter
-            ngram = kind(prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
-            return target, first, ngram
+            if self.tree:
+                return target, first, NgramTreeDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler,
+                                                       self.pair.device, costs=self.costs)
+            return target, first, NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler,
+                                               self.pair.device)
         raise ValueError(f"unknown drafter {drafter!r}")
 
     def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
@@ -258,6 +267,19 @@ def _trace(row: _Row, i: int, draft: Draft, verdict: Verdict, k: torch.Tensor, t
     }
     for name, values in columns.items():
         row.trace[name].extend(values)
+
+
+MAX_PASS = 8  # the widest pass whose cost is measured for the automatic verify budget
+MAX_PASS_COST = 1.3  # ... which is the widest pass costing at most this many 1-token steps
+
+
+def pass_budget(costs: tuple[float, ...] | None, device: torch.device) -> int:
+    """decode.verify_tokens = 0 (auto): the widest pass (tokens over the batch) that costs at most MAX_PASS_COST
+    single steps by the measured curve; 4 on CPU where nothing was measured (an encoder-decoder); no cap (0) on a
+    GPU, whose forward stays memory bound for many more tokens."""
+    if costs is None:
+        return 4 if device.type == "cpu" else 0
+    return max(n for n, c in enumerate(costs, 1) if n == 1 or c <= MAX_PASS_COST)
 
 
 def eos_ids(model: LoadedModel) -> set[int]:

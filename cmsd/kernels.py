@@ -1,11 +1,13 @@
-"""Linear layers for the few-token forwards of speculative decoding on CPU.
+"""Linear layers and attention for the few-token forwards of speculative decoding on CPU.
 
-A verify pass feeds each row 1 + k tokens, so a linear layer multiplies a handful of rows by its weight. torch's
-x @ W.T (MKL sgemm) on CPU runs 2 or 3 rows as that many passes over the weight, so verifying 2 drafts costs about
-twice a 1-token step and SmolLM2-135M's forward goes 47 ms (1 token) -> 99 ms (3 tokens) on 2 cores. The same product
-computed as (W @ x.T).T streams the weight once for any small row count: the forward is then bound by reading the
-weights, as it is on a GPU: with packed attention (below) 30 / 31 / 34 / 34 ms for 1 / 2 / 3 / 4 tokens
-(scripts/verify_cost.py). On a GPU cuBLAS already reads the weight once for skinny products; nothing changes there.
+A verify pass feeds each row 1 + k tokens, so a linear layer multiplies a handful of rows by its weight. How torch's
+x @ W.T (MKL sgemm) handles that depends on the CPU: on one of our machines it ran 2 or 3 rows as that many passes
+over the weight (SmolLM2-135M's forward went 47 ms for 1 token -> 99 ms for 3 on 2 cores), and computing the product
+as (W @ x.T).T streamed the weight once (30 / 31 / 34 / 34 ms for 1-4 tokens); on another the same trick was twice as
+slow as torch's own product for every row count. So it is not assumed: `small_row_counts` times both products over
+a model's own weights once per process (a pass over all its linear layers, as a forward streams them) and the
+(W @ x.T).T product is used only for the row counts where it is faster. On a GPU nothing changes: cuBLAS already
+reads the weight once for skinny products.
 
 Attention of a multi-token pass: with grouped-query attention and a mask (every verify pass: the cache has holes,
 a tree has its own mask) transformers' SDPA path copies each key/value head once per query head (repeat_kv). For one
@@ -19,7 +21,11 @@ runs transformers' and torch's own paths.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import statistics
+import time
+import weakref
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -29,12 +35,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 PACKED_SDPA = "cmsd_packed_sdpa"
+SMALL_ROWS = range(1, 9)
+log = logging.getLogger(__name__)
+_counts: weakref.WeakKeyDictionary[nn.Module, dict[int, frozenset[int]]] = weakref.WeakKeyDictionary()
+_costs: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[float, ...]]] = weakref.WeakKeyDictionary()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 8) -> torch.Tensor:
-    """x @ weight.T (+ bias), as (weight @ x.T).T when x has at most `rows` rows (all leading dims together) on CPU."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           rows: Collection[int] = SMALL_ROWS) -> torch.Tensor:
+    """x @ weight.T (+ bias), as (weight @ x.T).T when x's row count (all leading dims together) is in `rows`, on CPU."""
     n = x.numel() // x.shape[-1]
-    if n > rows or x.device.type != "cpu" or n == 0:
+    if n not in rows or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(n, x.shape[-1])
     if n in (1, 3):  # MKL's skinny product is fastest on an even column count: one more (repeated) row is free
@@ -47,9 +58,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class SmallRowsLinear(nn.Linear):
     """nn.Linear whose forward goes through `linear` (the class is swapped in place by `decode_kernels`, which also
-    sets `small_rows`)."""
+    sets `small_rows`, the row counts that use (W @ x.T).T)."""
 
-    small_rows: int
+    small_rows: frozenset[int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.small_rows)
@@ -77,22 +88,83 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset[int]:
+    """The row counts n <= rows at which (W @ x.T).T beats torch's x @ W.T over `model`'s linear layers on CPU (none
+    on other devices). Each candidate is timed as a pass over all the layers in order (each weight streamed from
+    memory as in a forward), alternating, median of `repeats`; (W @ x.T).T must win by 5 %. Once per model and
+    `rows` in a process."""
+    if rows <= 0 or not _on_cpu(model):
+        return frozenset()
+    known = _counts.setdefault(model, {})
+    if rows not in known:
+        layers = [m for m in model.modules() if type(m) in (nn.Linear, SmallRowsLinear)]
+        started, faster = time.perf_counter(), set()
+        with torch.inference_mode():
+            for n in range(1, rows + 1):
+                inputs = [torch.randn(n, m.in_features, dtype=m.weight.dtype) for m in layers]
+                timings: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(repeats):
+                    for small in (False, True):
+                        timings[small].append(_timed(lambda: [linear(x, layer.weight, layer.bias, (n,) if small else ())
+                                                              for layer, x in zip(layers, inputs)]))
+                if statistics.median(timings[True]) < 0.95 * statistics.median(timings[False]):
+                    faster.add(n)
+        known[rows] = frozenset(faster)
+        log.info("small-row linear: (W @ x.T).T is faster for row counts %s of %d (timed in %.1f s)",
+                 sorted(faster) or "none", rows, time.perf_counter() - started)
+    return known[rows]
+
+
+def forward_costs(model: nn.Module, width: int = 8, repeats: int = 5) -> tuple[float, ...] | None:
+    """What a forward of a decoder-only `model` over n = 1..width tokens costs in units of a 1-token forward
+    (batch 1, no cache; the fastest of `repeats`, alternating: other work on the machine only slows a run down), as the model runs when called: inside `decode_kernels`,
+    with the decode's own kernels. Timed once per model and kernel setting in a process. None on a GPU (no host
+    timing of asynchronous kernels; its forward is memory bound for a few tokens) or for an encoder-decoder."""
+    if not _on_cpu(model) or model.config.is_encoder_decoder:
+        return None
+    kernels = (model.config._attn_implementation,
+               next((m.small_rows for m in model.modules() if isinstance(m, SmallRowsLinear)), None))
+    known = _costs.setdefault(model, {})
+    if (width, kernels) not in known:
+        started = time.perf_counter()
+        timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
+        with torch.inference_mode():
+            ids = {n: torch.zeros(1, n, dtype=torch.long) for n in timings}
+            model(input_ids=ids[1], use_cache=False)  # first-call costs
+            for _ in range(repeats):
+                for n in timings:
+                    timings[n].append(_timed(lambda: model(input_ids=ids[n], use_cache=False)))
+        one = min(timings[1])
+        known[width, kernels] = tuple(min(t) / one for t in timings.values())
+        log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,
+                 " ".join(f"{c:.2f}" for c in known[width, kernels]), time.perf_counter() - started)
+    return known[width, kernels]
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 @contextmanager
 def decode_kernels(models: list[nn.Module | None], rows: int) -> Iterator[None]:
-    """Within the block: the CPU models' nn.Linear layers fed at most `rows` rows compute (W @ x.T).T (0: never),
-    and the models on transformers' SDPA attention use `packed_sdpa`."""
+    """Within the block: the CPU models' nn.Linear layers fed n <= `rows` rows compute (W @ x.T).T where
+    `small_row_counts` found that faster (rows 0: never), and the models on transformers' SDPA attention use
+    `packed_sdpa`."""
     models = list({id(m): m for m in models if m is not None}.values())  # a model may come twice
-    layers = [m for model in models if rows > 0 and _on_cpu(model) for m in model.modules() if type(m) is nn.Linear]
+    layers = [(m, counts) for model in models if (counts := small_row_counts(model, rows))
+              for m in model.modules() if type(m) is nn.Linear]
     configs = [m.config for m in models if getattr(m.config, "_attn_implementation", None) == "sdpa"]
-    for layer in layers:
+    for layer, counts in layers:
         layer.__class__ = SmallRowsLinear
-        layer.small_rows = rows
+        layer.small_rows = counts
     for config in configs:
         config._attn_implementation = PACKED_SDPA
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, _ in layers:
             layer.__class__ = nn.Linear
             del layer.small_rows
         for config in configs:

@@ -90,7 +90,8 @@ class NgramSettings:
     kappa: float = 1.5  # continuations after an n-token match get weight n / (n + kappa) in q; the rest is uniform
     branches: int = 0  # candidate tokens per node of a tree draft; 1 = one chain (more: strict greedy only);
     #                    0 = auto: 2 for strict greedy decoding of a decoder-only target, else 1
-    tree_tokens: int = 10  # the most drafted tokens (tree nodes) per row and iteration (and at most k_j) in a tree
+    tree_tokens: int = 10  # the most drafted tokens (tree nodes) per row and iteration in a tree (and at most the
+    #                        verify budget's share; a single row's tree is cut where a node costs more than it gives)
     tree_min_p: float = 0.1  # ... and no node whose path's product of q (its estimated acceptance) is under this
 
     def __post_init__(self) -> None:
@@ -136,10 +137,12 @@ class DecodeSettings:
     batch_size: int = 8
     stop: tuple[str, ...] = ()  # stop strings (text level); EOS always stops
     trace: bool = True  # keep the per-drafted-token trace
-    small_rows: int = 8  # on CPU, a linear layer fed at most this many tokens reads its weight once (cmsd.kernels); 0 = torch's x @ W.T
+    small_rows: int = 8  # on CPU, a linear layer fed n <= this many tokens computes (W @ x.T).T where that was timed
+    #                      faster than torch's x @ W.T for n (cmsd.kernels.small_row_counts); 0 = never
     verify_tokens: int = 0  # the most tokens one verify pass carries (rows x (1 + drafts)): a row drafts at most
-    #                         verify_tokens // rows - 1; 0 = auto: 4 on CPU, where more make the pass compute bound
-    #                         (scripts/verify_cost.py), no limit on a GPU
+    #                         verify_tokens // rows - 1; 0 = auto: on CPU the widest pass that costs at most 1.3
+    #                         single steps by the forward costs measured at the first decode (4 for an
+    #                         encoder-decoder), no limit on a GPU
     confidence: ConfidenceSettings = field(default_factory=ConfidenceSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
     margin: MarginSettings = field(default_factory=MarginSettings)

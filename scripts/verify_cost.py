@@ -1,6 +1,6 @@
 """The verify-cost curve: one SmolLM2-135M forward over W tokens per row on the caches of CNN/DM prompts (~950
-tokens at batch 1), as transformers runs it and under cmsd.kernels.decode_kernels (the small-row linear product,
-decode.small_rows, and packed grouped-query attention).
+tokens at batch 1), as transformers runs it and under cmsd.kernels.decode_kernels (the small-row linear product for
+the row counts up to decode.small_rows where it was timed faster on this machine, and packed grouped-query attention).
 Medians of 9 runs, alternating, in ms, and in units of the same setting's 1-token step.
 
     python scripts/verify_cost.py                 # batch 1, W = 1..8

@@ -61,3 +61,15 @@ def random_prompts(seed: int, count: int, low: int = 2, high: int = 40) -> list[
         p = torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist()
         out.append(p + p[: n // 2])
     return out
+
+
+def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
+    """Prompts made of a few random segments repeated in random order: a suffix has several continuations."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        segments = [torch.randint(3, TINY_VOCAB, (int(n),), generator=g).tolist()
+                    for n in torch.randint(2, 6, (4,), generator=g)]
+        order = torch.randint(0, 4, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)
+        out.append([t for i in order.tolist() for t in segments[i]])
+    return out

@@ -1,4 +1,5 @@
-"""The CPU cost-aware parts: the small-row linear (cmsd.kernels), the verify-token budget and the automatic tree."""
+"""The CPU cost-aware parts: the small-row linear and the measured forward costs (cmsd.kernels), the verify-token
+budget they set, the tree's cost-aware cut and the automatic tree."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cmsd import DecodeSettings, Decoder, LoadedModel, ModelPair
-from cmsd.kernels import decode_kernels, linear
-from tests.tiny import UNCAPPED, greedy_reference, random_prompts, tiny_bart, tiny_llama
+from cmsd import ConfidenceSettings, DecodeSettings, Decoder, LoadedModel, ModelPair, NgramSettings
+from cmsd import kernels
+from cmsd.decode import pass_budget
+from cmsd.drafters import NgramTreeDrafter, Sampler
+from cmsd.kernels import decode_kernels, forward_costs, linear, small_row_counts
+from tests.tiny import UNCAPPED, greedy_reference, random_prompts, repetitive_prompts, tiny_bart, tiny_llama
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -24,17 +28,69 @@ def test_small_row_linear_is_the_linear_product(bias: bool) -> None:
         torch.testing.assert_close(got, nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_small_row_counts_are_timed_once_per_model() -> None:
+    model = tiny_llama()
+    counts = small_row_counts(model, 8)
+    assert counts <= set(range(1, 9)) and small_row_counts(model, 8) is counts  # cached, not timed again
+    assert small_row_counts(model, 0) == frozenset()
+
+
 def test_small_rows_swaps_linear_layers_only_inside_the_block() -> None:
     model = tiny_llama()
+    kernels._counts[model] = {8: frozenset({2})}  # as if (W @ x.T).T had been timed faster for 2 rows
     x = torch.randn(1, 2, model.config.hidden_size)
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     with decode_kernels([model, model, None], 8):  # the same model twice (a drafter that is the target) is fine
-        assert all(type(m) is not nn.Linear for m in layers)
+        assert all(type(m) is not nn.Linear and m.small_rows == {2} for m in layers)
         inside = layers[0](x)
     assert all(type(m) is nn.Linear for m in layers) and not hasattr(layers[0], "small_rows")
     torch.testing.assert_close(inside, layers[0](x))
+    kernels._counts[model] = {8: frozenset()}  # faster for no row count: nothing swapped
+    with decode_kernels([model], 8):
+        assert all(type(m) is nn.Linear for m in layers)
     with decode_kernels([model], 0):  # 0: torch's own product
         assert all(type(m) is nn.Linear for m in layers)
+
+
+def test_forward_costs_are_measured_per_model_and_set_the_verify_budget() -> None:
+    model = tiny_llama()
+    costs = forward_costs(model, 6)
+    assert len(costs) == 6 and costs[0] == 1.0 and all(c > 0 for c in costs)
+    assert forward_costs(model, 6) is costs and forward_costs(tiny_bart(), 6) is None
+    assert pass_budget((1.0, 1.05, 1.15, 1.15, 1.49, 1.6), torch.device("cpu")) == 4
+    assert pass_budget((1.0, 1.25, 1.28, 1.66, 1.68), torch.device("cpu")) == 3
+    assert pass_budget((1.0, 2.0), torch.device("cpu")) == 1  # drafting never pays: AR
+    assert pass_budget(None, torch.device("cpu")) == 4 and pass_budget(None, torch.device("cuda")) == 0
+    prompts = repetitive_prompts(3, 6)
+    expected = [greedy_reference(model, p, 24) for p in prompts]
+    for batch in (1, 3):  # auto budget, measured at the first decode; at batch 1 the tree is cut by the costs
+        decoder = Decoder(_pair(model), DecodeSettings(max_new_tokens=24, batch_size=batch))
+        gens = decoder.generate_ids(prompts)
+        assert [g.token_ids for g in gens] == expected and sum(g.stats.accepted for g in gens) > 0
+        assert len(decoder.costs) == 8 and decoder.verify_tokens == pass_budget(decoder.costs, torch.device("cpu"))
+    fixed = Decoder(_pair(model), DecodeSettings(max_new_tokens=4, verify_tokens=5))  # as set: nothing measured
+    fixed.generate_ids([[5, 6, 7, 5, 6]])
+    assert fixed.costs is None and fixed.verify_tokens == 5
+
+
+def test_the_tree_is_cut_where_another_node_costs_more_than_it_is_expected_to_give() -> None:
+    """A context where the suffix [1, 2] was followed by 3 four times and by 4 once: the tree's first node (3) has an
+    estimated acceptance of about 0.6, the next ones less. Flat costs keep every node, a pass of 2 tokens costing
+    1.3 steps keeps the first node only if it is worth it, and a steep curve keeps none."""
+    context = [1, 2, 3, 9, 1, 2, 3, 8, 1, 2, 3, 7, 1, 2, 4, 6, 1, 2, 3, 5, 1, 2]
+    ngram = NgramSettings(branches=2, tree_tokens=4, tree_min_p=0.05)
+
+    def tree(costs):
+        drafter = NgramTreeDrafter([context], 16, ngram, ConfidenceSettings(), Sampler(), torch.device("cpu"),
+                                   costs=costs)
+        return drafter._tree(drafter.indexes[0], 4, costs)
+
+    _, all_nodes, _ = tree(None)
+    assert len(all_nodes) == 4 and all_nodes[0] == 3
+    assert tree((1.0,) * 5)[1] == all_nodes
+    first = tree((1.0, 1.3, 5.0, 5.0, 5.0))[1]
+    assert first == [3]
+    assert tree((1.0, 3.0, 5.0, 5.0, 5.0))[1] == []
 
 
 def _pair(target: nn.Module) -> ModelPair:
@@ -42,21 +98,21 @@ def _pair(target: nn.Module) -> ModelPair:
 
 
 def test_the_verify_budget_caps_drafts_per_row_and_turns_drafting_off_for_wide_batches() -> None:
-    """On CPU (auto budget 4 tokens a pass): batch 1 drafts at most 3 tokens an iteration, 4 or more rows decode
-    AR; with no cap the same batch drafts. The output is the greedy output either way."""
+    """A budget of 4 tokens a pass: batch 1 drafts at most 3 tokens an iteration, 4 or more rows decode AR; with no
+    cap the same batch drafts. The output is the greedy output either way."""
     target = tiny_llama(seed=1)
     prompts = [p * 3 for p in random_prompts(1, 8, low=3, high=8)]  # repetitive, so the n-gram drafter drafts
     expected = [greedy_reference(target, p, 24) for p in prompts]
     runs = {}
-    for batch, cap in ((1, 0), (8, 0), (8, UNCAPPED)):
+    for batch, cap in ((1, 4), (8, 4), (8, UNCAPPED)):
         settings = DecodeSettings(method="cmasd", max_new_tokens=24, batch_size=batch, verify_tokens=cap)
         gens = Decoder(_pair(target), settings).generate_ids(prompts)
         assert [g.token_ids for g in gens] == expected, (batch, cap)
         runs[batch, cap] = gens
-    per_iteration = [sum(1 for i in g.trace["iteration"] if i == it) for g in runs[1, 0]
+    per_iteration = [sum(1 for i in g.trace["iteration"] if i == it) for g in runs[1, 4]
                      for it in set(g.trace["iteration"])]
     assert per_iteration and max(per_iteration) <= 3
-    assert sum(g.stats.drafted for g in runs[8, 0]) == 0
+    assert sum(g.stats.drafted for g in runs[8, 4]) == 0
     assert sum(g.stats.accepted for g in runs[8, UNCAPPED]) > 0
 
 

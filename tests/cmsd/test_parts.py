@@ -12,7 +12,7 @@ import torch
 
 from cmsd.confidence import confidence
 from cmsd.control import Controller
-from cmsd.drafters import Draft, continuation_counts
+from cmsd.drafters import Draft, SuffixIndex, continuation_counts
 from cmsd.kv import HoleyState
 from cmsd.settings import ConfidenceSettings, ControlSettings, DecodeSettings, NgramSettings
 from tests.tiny import tiny_llama
@@ -122,3 +122,22 @@ def test_importing_cmsd_loads_no_ray_click_or_pyarrow() -> None:
     code = "import sys, cmsd; bad = [m for m in ('ray', 'click', 'pyarrow') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_suffix_index_gives_a_fresh_scan_of_the_sequence_with_the_path_appended() -> None:
+    """Built on a prefix and asked with the rest as the path (as a draft extends the sequence), or extended token by
+    token: the same continuations as an index of the whole sequence, suffix length by suffix length."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        seq = torch.randint(0, 4 if trial % 2 else 9, (int(torch.randint(2, 60, (1,), generator=g)),),
+                            generator=g).tolist()
+        settings = NgramSettings(max_ngram=int(torch.randint(1, 6, (1,), generator=g)), min_count=1 + trial % 3)
+        whole = [(t.tolist(), c.tolist(), n) for t, c, n in SuffixIndex(seq, settings).continuations()]
+        cut = int(torch.randint(0, len(seq) + 1, (1,), generator=g))
+        with_path = [(t.tolist(), c.tolist(), n) for t, c, n in SuffixIndex(seq[:cut], settings).continuations(seq[cut:])]
+        grown = SuffixIndex(seq[:cut], settings)
+        grown.extend(seq[cut:])
+        assert with_path == whole == [(t.tolist(), c.tolist(), n) for t, c, n in grown.continuations()], (seq, cut)
+        for tokens, counts, n in whole:  # each against a plain count over the sequence
+            following = [seq[i] for i in range(n, len(seq)) if seq[i - n:i] == seq[-n:]]
+            assert sorted(zip(tokens, counts)) == sorted((t, following.count(t)) for t in set(following))

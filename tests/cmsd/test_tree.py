@@ -11,7 +11,7 @@ import cmsd.decode
 from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair, NgramSettings
 from cmsd.kv import HoleyState
 from cmsd.verify import verify_tree
-from tests.tiny import TINY_VOCAB, UNCAPPED, greedy_reference, tiny_bart, tiny_llama
+from tests.tiny import UNCAPPED, greedy_reference, repetitive_prompts, tiny_bart, tiny_llama
 
 NEW = 24
 TREES = ((2, 6, 0.0), (3, 10, 0.0), (4, 12, 0.15))  # branches, tree_tokens, tree_min_p
@@ -19,18 +19,6 @@ TREES = ((2, 6, 0.0), (3, 10, 0.0), (4, 12, 0.15))  # branches, tree_tokens, tre
 
 def _pair(target) -> ModelPair:
     return ModelPair(LoadedModel("target", target, None), "ngram")
-
-
-def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
-    """Prompts made of a few random segments repeated in random order: a suffix has several continuations."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        segments = [torch.randint(3, TINY_VOCAB, (int(n),), generator=g).tolist()
-                    for n in torch.randint(2, 6, (4,), generator=g)]
-        order = torch.randint(0, 4, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)
-        out.append([t for i in order.tolist() for t in segments[i]])
-    return out
 
 
 def _settings(branches: int, tree_tokens: int, min_p: float, batch: int, method: str = "cmasd") -> DecodeSettings:
