@@ -142,10 +142,7 @@ class Decoder:
         live = list(range(len(rows)))
         iteration = 0
         while live:
-            if self.tree and self.costs and len(live) == 1:  # a single row's tree prices its nodes (its cut)
-                share = len(self.costs) - 1
-            else:
-                share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
+            share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
             budget = torch.tensor([min(share, rows[r].budget - len(rows[r].tokens) - 1) for r in live], device=device)
             k = budget.clamp(min=0) if self.tree else controller.draft_lengths(budget)  # 2. how far to draft
             controller.begin_draft()
