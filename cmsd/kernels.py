@@ -120,9 +120,10 @@ def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset
 
 def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3) -> tuple[float, ...] | None:
     """What a forward of a decoder-only `model` over n = 1..width tokens costs in units of a 1-token forward
-    (batch 1, no cache; the fastest of `repeats`, alternating: other work on the machine only slows a run down), as the model runs when called: inside `decode_kernels`,
-    with the decode's own kernels. Timed once per model and kernel setting in a process. None on a GPU (no host
-    timing of asynchronous kernels; its forward is memory bound for a few tokens) or for an encoder-decoder."""
+    (batch 1, no cache; the fastest of `repeats`, alternating: other work on the machine only slows a run down), as
+    the model runs when called: inside `decode_kernels`, with the decode's own kernels. Timed once per model and
+    kernel setting in a process. None on a GPU (no host timing of asynchronous kernels; its forward is memory bound
+    for a few tokens) or for an encoder-decoder."""
     if not _on_cpu(model) or model.config.is_encoder_decoder:
         return None
     kernels = (model.config._attn_implementation,
