@@ -271,12 +271,13 @@ MAX_PASS_COST = 1.3  # ... which is the widest pass costing at most this many 1-
 
 
 def pass_budget(costs: tuple[float, ...] | None, device: torch.device) -> int:
-    """decode.verify_tokens = 0 (auto): the widest pass (tokens over the batch) that costs at most MAX_PASS_COST
-    single steps by the measured curve; 4 on CPU where nothing was measured (an encoder-decoder); no cap (0) on a
-    GPU, whose forward stays memory bound for many more tokens."""
-    if costs is None:
+    """decode.verify_tokens = 0 (auto): the widest pass (tokens over the batch) such that it and every narrower pass
+    cost at most MAX_PASS_COST single steps by the measured curve; 4 on CPU where nothing was measured (an
+    encoder-decoder); no cap (0) on a GPU, whose forward stays memory bound for many more tokens."""
+    if not costs:
         return 4 if device.type == "cpu" else 0
-    return max(n for n, c in enumerate(costs, 1) if n == 1 or c <= MAX_PASS_COST)
+    over = [n for n, c in enumerate(costs, 1) if n > 1 and c > MAX_PASS_COST]
+    return over[0] - 1 if over else len(costs)
 
 
 def eos_ids(model: LoadedModel) -> set[int]:

@@ -302,8 +302,8 @@ class NgramTreeDrafter(NgramDrafter):
 
     def _tree(self, index: SuffixIndex, depth: int, costs: tuple[float, ...] | None
               ) -> tuple[list[int], list[int], torch.Tensor | None]:
-        """The trie after the row's sequence: each node's parent (-1: the pending token, parents first), its token, and the
-        log q [nodes, V] it was drawn from."""
+        """The trie after the row's sequence: each node's parent (-1: the pending token, parents first), its token,
+        and the log q [nodes, V] it was drawn from."""
         nodes: list[tuple[int, int, int]] = []  # parent, token, index in logq
         scores: list[float] = []
         logq: list[torch.Tensor] = []
@@ -335,8 +335,8 @@ class NgramTreeDrafter(NgramDrafter):
         return parents, tokens, torch.stack(logq)[dists]
 
     def _candidates(self, index: SuffixIndex, path: list[int]) -> tuple[list[tuple[int, float]], tuple] | None:
-        """The settings.branches likeliest tokens after the row's sequence + path with their q: an n-token match's continuation counts
-        get weight n / (n + kappa) of the mass that longer matches left. Also returns the longest match
+        """The settings.branches likeliest tokens after the row's sequence + path with their q: an n-token match's
+        continuation counts get weight n / (n + kappa) of the mass that longer matches left. Also returns the longest match
         (continuation_counts), or None without any match."""
         found: dict[int, float] = {}
         rest, longest = 1.0, None

@@ -43,7 +43,8 @@ _costs: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[float, ...]]] = w
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            rows: Collection[int] = SMALL_ROWS) -> torch.Tensor:
-    """x @ weight.T (+ bias), as (weight @ x.T).T when x's row count (all leading dims together) is in `rows`, on CPU."""
+    """x @ weight.T (+ bias), as (weight @ x.T).T when x's row count (all leading dims together) is in `rows`
+    (on CPU)."""
     n = x.numel() // x.shape[-1]
     if n not in rows or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
@@ -91,8 +92,9 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS[
 def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset[int]:
     """The row counts n <= rows at which (W @ x.T).T beats torch's x @ W.T over `model`'s linear layers on CPU (none
     on other devices). Each candidate is timed as a pass over all the layers in order (each weight streamed from
-    memory as in a forward), alternating, median of up to `repeats` (one when a product is 1.5x the other: a clear
-    case); (W @ x.T).T must win by 5 %. Once per model and `rows` in a process."""
+    memory as in a forward) after a warm-up pass, alternating which goes first, median of up to `repeats` rounds
+    (two when a product is 1.5x the other: a clear case); (W @ x.T).T must win by 5 %. Once per model and `rows` in
+    a process."""
     if rows <= 0 or not _on_cpu(model):
         return frozenset()
     known = _counts.setdefault(model, {})
@@ -103,12 +105,17 @@ def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset
             for n in range(1, rows + 1):
                 inputs = [torch.randn(n, m.in_features, dtype=m.weight.dtype) for m in layers]
                 timings: dict[bool, list[float]] = {False: [], True: []}
-                for _ in range(repeats):
-                    for small in (False, True):
-                        timings[small].append(_timed(lambda: [linear(x, layer.weight, layer.bias, (n,) if small else ())
-                                                              for layer, x in zip(layers, inputs)]))
+
+                def one_pass(small: bool) -> float:
+                    return _timed(lambda: [linear(x, layer.weight, layer.bias, (n,) if small else ())
+                                           for layer, x in zip(layers, inputs)])
+
+                one_pass(True)  # warm-up
+                for round_ in range(max(repeats, 2)):
+                    for small in (round_ % 2 == 0, round_ % 2 == 1):
+                        timings[small].append(one_pass(small))
                     ratio = statistics.median(timings[True]) / statistics.median(timings[False])
-                    if not 1 / 1.5 < ratio < 1.5:
+                    if round_ and not 1 / 1.5 < ratio < 1.5:
                         break
                 if ratio < 0.95:
                     faster.add(n)
@@ -118,26 +125,38 @@ def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset
     return known[rows]
 
 
-def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3) -> tuple[float, ...] | None:
-    """What a forward of a decoder-only `model` over n = 1..width tokens costs in units of a 1-token forward
-    (batch 1, no cache; the fastest of `repeats`, alternating: other work on the machine only slows a run down), as
-    the model runs when called: inside `decode_kernels`, with the decode's own kernels. Timed once per model and
-    kernel setting in a process. None on a GPU (no host timing of asynchronous kernels; its forward is memory bound
-    for a few tokens) or for an encoder-decoder."""
+def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: int = 512
+                  ) -> tuple[float, ...] | None:
+    """What a verify pass of a decoder-only `model` over n = 1..width tokens costs in units of a 1-token pass: batch
+    1, fed after a `context`-token cache as the decode feeds it (cmsd.kv.HoleyState: its mask, attention over the
+    cache), with the kernels in effect when called (inside `decode_kernels`: the decode's own); the fastest of
+    `repeats` after a warm-up, alternating (other work on the machine only slows a run down). Timed once per model
+    and kernel setting in a process. None on a GPU (no host timing of asynchronous kernels; its forward is memory
+    bound for a few tokens) or for an encoder-decoder."""
     if not _on_cpu(model) or model.config.is_encoder_decoder:
         return None
     kernels = (model.config._attn_implementation,
                next((m.small_rows for m in model.modules() if isinstance(m, SmallRowsLinear)), None))
     known = _costs.setdefault(model, {})
     if (width, kernels) not in known:
+        from cmsd.kv import HoleyState  # the state a decode feeds (cmsd.kv needs nothing from here)
+
         started = time.perf_counter()
         timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
-        with torch.inference_mode():
-            ids = {n: torch.zeros(1, n, dtype=torch.long) for n in timings}
-            model(input_ids=ids[1], use_cache=False)  # first-call costs
-            for _ in range(repeats):
-                for n in timings:
-                    timings[n].append(_timed(lambda: model(input_ids=ids[n], use_cache=False)))
+        config = model.config.get_text_config(decoder=True)
+        length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
+        state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
+        ids = {n: torch.zeros(1, n, dtype=torch.long, device=model.device) for n in timings}
+
+        def verify_pass(n: int) -> None:
+            state.feed(ids[n], torch.ones_like(ids[n], dtype=torch.bool))
+            state.commit(torch.zeros(1, dtype=torch.long, device=model.device))  # the cache as it was
+
+        for round_ in range(repeats + 1):  # round 0: warm-up
+            for n in timings:
+                seconds = _timed(lambda: verify_pass(n))
+                if round_:
+                    timings[n].append(seconds)
         one = min(timings[1])
         known[width, kernels] = tuple(min(t) / one for t in timings.values())
         log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,

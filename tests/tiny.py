@@ -8,8 +8,8 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 TINY_VOCAB = 64
-UNCAPPED = 1024  # decode.verify_tokens without a cap: batched rows draft as on a GPU (on CPU the default, 4, stops
-#                  drafting from 4 live rows up, so a batch-8 test would only exercise AR steps)
+UNCAPPED = 1024  # decode.verify_tokens without a cap: batched rows draft as on a GPU (on CPU the automatic budget,
+#                  a few tokens a pass, stops drafting for wide batches, so a batch-8 test would only exercise AR steps)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = TINY_VOCAB) -> LlamaForCausalLM:

@@ -60,14 +60,17 @@ def test_forward_costs_are_measured_per_model_and_set_the_verify_budget() -> Non
     assert pass_budget((1.0, 1.05, 1.15, 1.15, 1.49, 1.6), torch.device("cpu")) == 4
     assert pass_budget((1.0, 1.25, 1.28, 1.66, 1.68), torch.device("cpu")) == 3
     assert pass_budget((1.0, 2.0), torch.device("cpu")) == 1  # drafting never pays: AR
+    assert pass_budget((1.0, 1.5, 1.2, 1.2), torch.device("cpu")) == 1  # the first pass over the limit ends it
     assert pass_budget(None, torch.device("cpu")) == 4 and pass_budget(None, torch.device("cuda")) == 0
     prompts = repetitive_prompts(3, 6)
     expected = [greedy_reference(model, p, 24) for p in prompts]
     for batch in (1, 3):  # auto budget, measured at the first decode; at batch 1 the tree is cut by the costs
         decoder = Decoder(_pair(model), DecodeSettings(max_new_tokens=24, batch_size=batch))
         gens = decoder.generate_ids(prompts)
-        assert [g.token_ids for g in gens] == expected and sum(g.stats.accepted for g in gens) > 0
+        assert [g.token_ids for g in gens] == expected
         assert len(decoder.costs) == 8 and decoder.verify_tokens == pass_budget(decoder.costs, torch.device("cpu"))
+        if decoder.verify_tokens > batch:  # a tiny model's pass costs are mostly noise: drafting only where allowed
+            assert sum(g.stats.accepted for g in gens) > 0
     fixed = Decoder(_pair(model), DecodeSettings(max_new_tokens=4, verify_tokens=5))  # as set: nothing measured
     fixed.generate_ids([[5, 6, 7, 5, 6]])
     assert fixed.costs is None and fixed.verify_tokens == 5

@@ -124,20 +124,35 @@ def test_importing_cmsd_loads_no_ray_click_or_pyarrow() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_suffix_index_gives_a_fresh_scan_of_the_sequence_with_the_path_appended() -> None:
+def _scan(seq: list[int], settings: NgramSettings) -> list[tuple[list[int], list[int], int]]:
+    """The reference: a plain scan of the whole sequence for each suffix length (the drafter's former numpy code)."""
+    seq, out = np.array(seq), []
+    for n in range(min(settings.max_ngram, len(seq) - 1), settings.min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        starts = np.flatnonzero((windows == seq[-n:]).all(1))
+        if len(starts) < settings.min_count:
+            continue
+        following = seq[starts + n][::-1]  # most recent first
+        tokens, first, counts = np.unique(following, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        out.append((tokens[order].tolist(), counts[order].tolist(), n))
+    return out
+
+
+def test_the_suffix_index_gives_a_scan_of_the_sequence_with_the_path_appended() -> None:
     """Built on a prefix and asked with the rest as the path (as a draft extends the sequence), or extended token by
-    token: the same continuations as an index of the whole sequence, suffix length by suffix length."""
+    token: the suffix lengths, continuations, counts and tie order of a plain scan of the whole sequence."""
     g = torch.Generator().manual_seed(0)
-    for trial in range(40):
-        seq = torch.randint(0, 4 if trial % 2 else 9, (int(torch.randint(2, 60, (1,), generator=g)),),
+    for trial in range(200):
+        seq = torch.randint(0, 4 if trial % 2 else 9, (int(torch.randint(0, 60, (1,), generator=g)),),
                             generator=g).tolist()
-        settings = NgramSettings(max_ngram=int(torch.randint(1, 6, (1,), generator=g)), min_count=1 + trial % 3)
-        whole = [(t.tolist(), c.tolist(), n) for t, c, n in SuffixIndex(seq, settings).continuations()]
+        longest = int(torch.randint(1, 6, (1,), generator=g))
+        settings = NgramSettings(max_ngram=longest, min_ngram=int(torch.randint(1, longest + 1, (1,), generator=g)),
+                                 min_count=1 + trial % 3)
         cut = int(torch.randint(0, len(seq) + 1, (1,), generator=g))
-        with_path = [(t.tolist(), c.tolist(), n) for t, c, n in SuffixIndex(seq[:cut], settings).continuations(seq[cut:])]
+        with_path = SuffixIndex(seq[:cut], settings).continuations(seq[cut:])
         grown = SuffixIndex(seq[:cut], settings)
         grown.extend(seq[cut:])
-        assert with_path == whole == [(t.tolist(), c.tolist(), n) for t, c, n in grown.continuations()], (seq, cut)
-        for tokens, counts, n in whole:  # each against a plain count over the sequence
-            following = [seq[i] for i in range(n, len(seq)) if seq[i - n:i] == seq[-n:]]
-            assert sorted(zip(tokens, counts)) == sorted((t, following.count(t)) for t in set(following))
+        expected = _scan(seq, settings)
+        for found in (with_path, grown.continuations()):
+            assert [(t.tolist(), c.tolist(), n) for t, c, n in found] == expected, (seq, cut, settings)
