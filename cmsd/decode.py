@@ -201,11 +201,8 @@ class Decoder:
             return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":
             vocab = model.config.get_text_config(decoder=True).vocab_size
-            if self.tree:
-                return target, first, NgramTreeDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler,
-                                                       self.pair.device, costs=self.costs)
-            return target, first, NgramDrafter(prompts, vocab, settings.ngram, settings.confidence, sampler,
-                                               self.pair.device)
+            args = (prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
+            return target, first, NgramTreeDrafter(*args, costs=self.costs) if self.tree else NgramDrafter(*args)
         raise ValueError(f"unknown drafter {drafter!r}")
 
     def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,

@@ -202,7 +202,7 @@ class SuffixIndex:
                     entry = found.setdefault(window[i - offset], [0, 0])
                     entry[0] += 1
                     entry[1] = i
-            if sum(count for count, _ in found.values()) < max(s.min_count, 1):
+            if sum(count for count, _ in found.values()) < s.min_count:  # (min_count >= 1: no match is skipped)
                 continue
             ranked = sorted(found.items(), key=lambda item: (-item[1][0], -item[1][1]))
             yield (np.array([token for token, _ in ranked], dtype=np.int64),
@@ -336,8 +336,8 @@ class NgramTreeDrafter(NgramDrafter):
 
     def _candidates(self, index: SuffixIndex, path: list[int]) -> tuple[list[tuple[int, float]], tuple] | None:
         """The settings.branches likeliest tokens after the row's sequence + path with their q: an n-token match's
-        continuation counts get weight n / (n + kappa) of the mass that longer matches left. Also returns the longest match
-        (continuation_counts), or None without any match."""
+        continuation counts get weight n / (n + kappa) of the mass that longer matches left. Also returns the
+        longest match (continuation_counts), or None without any match."""
         found: dict[int, float] = {}
         rest, longest = 1.0, None
         for tokens, counts, n in index.continuations(path):

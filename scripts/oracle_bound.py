@@ -72,8 +72,9 @@ def main(branch_counts: list[int]) -> None:
     step = statistics.median(steps)
     tokens = sum(map(len, outs))
     ar_s = sum(prefill) + tokens * step
+    share = 100 * sum(prefill) / ar_s
     print(f"measured: pass costs for 1-{MAX_PASS} tokens {' '.join(f'{c:.2f}' for c in costs)}; 1-token step "
-          f"{1000 * step:.1f} ms; prefill {sum(prefill):.2f} s of AR's {ar_s:.2f} s ({100 * sum(prefill) / ar_s:.0f} %)")
+          f"{1000 * step:.1f} ms; prefill {sum(prefill):.2f} s of AR's {ar_s:.2f} s ({share:.0f} %)")
     for branches in branch_counts:
         drafter = NgramTreeDrafter([[0]], pair.target.model.config.vocab_size, NgramSettings(branches=branches),
                                    ConfidenceSettings(), Sampler(), torch.device("cpu"))

@@ -13,13 +13,12 @@ import sys
 import time
 from collections import defaultdict
 
-import yaml
-
 import cmsd.decode
 import cmsd.kv
 from cmsd import DecodeSettings, Decoder, DocStats, PromptTemplate, load_pair
 from cmsd.control import Controller
 from cmsd.drafters import NgramDrafter, NgramTreeDrafter
+from jobs.spec import apply_overrides, parse_assignment
 
 DATA = "../shared/data/"
 PHASES = {  # phase -> (owner, attribute)
@@ -65,14 +64,8 @@ def main(methods: list[str], docs: int = 4) -> None:
     decoders = {}
     for spec in methods:
         method, _, overrides = spec.partition(":")
-        data = base.with_(method=method).to_dict()
-        for assignment in filter(None, overrides.split(",")):  # section.field=value (YAML value)
-            key, _, value = assignment.partition("=")
-            *path, last = key.split(".")
-            node = data
-            for part in path:
-                node = node[part]
-            node[last] = yaml.safe_load(value)
+        assignments = dict(parse_assignment(a) for a in overrides.split(",") if a)  # section.field=value (YAML)
+        data = apply_overrides(base.with_(method=method).to_dict(), assignments)
         decoders[spec] = Decoder(pair, DecodeSettings.from_dict(data))
         decoders[spec].generate(prompts[:1])  # warm-up, untimed
     walls: dict[str, float] = defaultdict(float)
