@@ -18,7 +18,7 @@ import cmsd.kv
 from cmsd import DecodeSettings, Decoder, DocStats, PromptTemplate, load_pair
 from cmsd.control import Controller
 from cmsd.drafters import NgramDrafter, NgramTreeDrafter
-from jobs.spec import apply_overrides, parse_assignment
+from jobs.batch.spec import apply_overrides, parse_assignment
 
 DATA = "../shared/data/"
 PHASES = {  # phase -> (owner, attribute)

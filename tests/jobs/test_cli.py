@@ -27,6 +27,15 @@ def test_help_is_instant_and_loads_no_torch_or_ray() -> None:
         assert flag in submit_help
 
 
+def test_click_lives_in_jobs_cli_only() -> None:
+    """The packages under the CLI (job system, evaluation, training, k8s) import no Click: the CLI is a layer."""
+    modules = "jobs.batch.lifecycle, jobs.eval.run, jobs.train.distill, jobs.train.calibrate, jobs.k8s.render"
+    code = f"import sys, {modules}; print('click' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+    assert {"submit", "resume", "status", "report", "eval", "k8s", "calibrate", "distill"} == set(main.commands)
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "docs.jsonl", articles(4))

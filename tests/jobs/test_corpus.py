@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.corpus import detect_format, read_corpus
+from jobs.batch.corpus import detect_format, read_corpus
 from jobs.errors import BadInput
-from jobs.spec import CorpusSpec
+from jobs.batch.spec import CorpusSpec
 
 ROWS = [{"id": "a", "text": "first doc, with a comma", "summary": "one"},
         {"id": "b", "text": 'second "quoted" doc', "summary": "two"},

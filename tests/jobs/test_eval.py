@@ -20,13 +20,13 @@ from click.testing import CliRunner, Result
 from cmsd import DecodeSettings
 from cmsd.stats import DocStats
 from jobs.cli import main
-from jobs.eval_calibration import binned, judged
-from jobs.eval_history import regressions
-from jobs.eval_measure import RoundRobin
-from jobs.eval_metrics import agreement, rouge_paired, sacrebleu_paired
-from jobs.eval_runners import Output
-from jobs.eval_suite import MAX_GRID, load_suite, suite_from_dict
-from jobs.eval_sweep import SweepPoint, choose, mark_pareto
+from jobs.eval.calibration import binned, judged
+from jobs.eval.history import regressions
+from jobs.eval.measure import RoundRobin
+from jobs.eval.metrics import agreement, rouge_paired, sacrebleu_paired
+from jobs.eval.runners import Output
+from jobs.eval.suite import MAX_GRID, load_suite, suite_from_dict
+from jobs.eval.sweep import SweepPoint, choose, mark_pareto
 from tests.raytest import articles, ray_local, tiny_target, write_jsonl  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).parents[2]

@@ -20,13 +20,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.driver import actor_name
+from jobs.batch.driver import actor_name
 from jobs.errors import JobFailed
-from jobs.job import JobResult, load_job, resume, status, submit
-from jobs.manifest import unfinished
-from jobs.progress import LogProgress
-from jobs.reducer import reduce_job
-from jobs.spec import JobSpec
+from jobs.batch.lifecycle import JobResult, load_job, resume, status, submit
+from jobs.batch.manifest import unfinished
+from jobs.batch.progress import LogProgress
+from jobs.batch.reducer import reduce_job
+from jobs.batch.spec import JobSpec
 from tests.raytest import articles, error_records, result_ids, write_jsonl
 from workers.protocol import ShardTask, WorkerInfo
 

@@ -30,8 +30,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs.k8s import (DEFAULT_ACTORS, MAX_NAME, RAY_VERSION, check_cron, dump_manifests, k8s, read_spec,
-                      render_manifests)
+from jobs.cli.k8s import k8s
+from jobs.k8s.render import DEFAULT_ACTORS, MAX_NAME, RAY_VERSION, check_cron, dump_manifests, read_spec, render_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -346,7 +346,7 @@ def test_dockerfile() -> None:
 
 
 def test_base_spec_is_a_valid_job_spec() -> None:
-    spec_module = pytest.importorskip("jobs.spec")  # loads torch through cmsd; a few seconds
+    spec_module = pytest.importorskip("jobs.batch.spec")  # loads torch through cmsd; a few seconds
     data = yaml.safe_load(SPEC_PVC)
     job = spec_module.JobSpec.from_dict(data)
     assert job.output.dir.startswith("/mnt/results/")

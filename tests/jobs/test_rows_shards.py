@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.corpus import read_corpus
-from jobs.rows import GoodRow, check_rows
-from jobs.shards import plan_shards, shard_count, shard_table, write_shards
-from jobs.spec import CorpusSpec, ExecutionSpec
+from jobs.batch.corpus import read_corpus
+from jobs.batch.rows import GoodRow, check_rows
+from jobs.batch.shards import plan_shards, shard_count, shard_table, write_shards
+from jobs.batch.spec import CorpusSpec, ExecutionSpec
 from tests.raytest import write_jsonl
 from workers.store import JobStore, read_ipc
 
@@ -62,7 +62,7 @@ def test_shards_are_contiguous_balanced_and_sorted_by_length() -> None:
 
 
 def test_bad_rows_go_to_the_shard_that_covers_them() -> None:
-    from jobs.rows import BadRow
+    from jobs.batch.rows import BadRow
 
     good = [r for r in good_rows(12) if r.row not in (0, 5, 11)]
     bad = [BadRow(0, "d0", "x"), BadRow(5, "d5", "y"), BadRow(11, "d11", "z")]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jobs.errors import BadInput
-from jobs.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
+from jobs.batch.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
 
 
 def test_resolved_spec_writes_every_default_and_reads_back() -> None:

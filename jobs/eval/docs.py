@@ -1,7 +1,7 @@
 """The documents of an evaluation: each corpus's evaluated rows and its validation rows (for the sweep), as
 token ids that every method and peer receives unchanged.
 
-Rows are read and checked by the job system (jobs.corpus, jobs.rows): a row that cannot be decoded is refused
+Rows are read and checked by the job system (jobs.batch.corpus, jobs.batch.rows): a row that cannot be decoded is refused
 with its reason, and the next good row takes its place.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.corpus import read_corpus
+from jobs.batch.corpus import read_corpus
 from jobs.errors import BadInput
-from jobs.eval_suite import Suite, SuiteCorpus
-from jobs.rows import BadRow, GoodRow, check_rows
+from jobs.eval.suite import Suite, SuiteCorpus
+from jobs.batch.rows import BadRow, GoodRow, check_rows
 
 SLACK_ROWS = 16  # rows read beyond those needed, to replace refused ones
 

@@ -1,4 +1,7 @@
-"""The `cmsd-jobs` command line. Commands are thin: they parse, call jobs.job, and print.
+"""The `cmsd-jobs` command line (jobs.cli:main). Commands are thin: they parse, call the packages, and print.
+
+Here: the group and the job commands (submit, resume, status, report: jobs.batch.lifecycle). Beside it: eval.py
+(jobs.eval), k8s.py (jobs.k8s), train.py (calibrate and distill: jobs.train).
 
 Exit codes: 0 done, 1 the job failed (resume it), 2 bad input (nothing written). Heavy imports (torch, ray)
 happen inside the commands, so `--help` is instant.
@@ -13,13 +16,12 @@ from typing import Any
 
 import click
 
+from jobs.cli.eval import eval_command
+from jobs.cli.k8s import k8s
+from jobs.cli.train import calibrate, distill
 from jobs.errors import BadInput, JobFailed
-from jobs.calibrate import calibrate
-from jobs.distill import distill
-from jobs.eval import eval_command
-from jobs.k8s import k8s
 
-DEMO_SPEC = Path(__file__).parent / "data" / "demo.yaml"
+DEMO_SPEC = Path(__file__).parents[1] / "data" / "demo.yaml"
 
 # submit's named flags and the spec field each one sets
 FLAG_FIELDS = {
@@ -104,8 +106,8 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], **fl
     applied on top. Everything is checked before anything is written. The last line printed is the job
     directory.
     """
-    from jobs.job import submit as submit_job
-    from jobs.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
+    from jobs.batch.lifecycle import submit as submit_job
+    from jobs.batch.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
 
     if demo and spec_file:
         raise click.UsageError("give either SPEC_FILE or --demo, not both")
@@ -125,7 +127,7 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], **fl
 @click.option("--actors", type=int, help="Worker actors for this run.")
 def resume(job_dir: str, address: str | None, actors: int | None) -> None:
     """Run the shards of JOB_DIR that are not done (only those), then write the summary and report."""
-    from jobs.job import resume as resume_job
+    from jobs.batch.lifecycle import resume as resume_job
 
     overrides = {k: v for k, v in {"execution.address": address, "execution.actors": actors}.items() if v}
     _finish(resume_job(job_dir, overrides))
@@ -136,7 +138,7 @@ def resume(job_dir: str, address: str | None, actors: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(job_dir: str, as_json: bool) -> None:
     """How far the job in JOB_DIR got: shards and rows done, rows refused, what is left."""
-    from jobs.job import status as job_status
+    from jobs.batch.lifecycle import status as job_status
 
     info = job_status(job_dir)
     if as_json:
@@ -153,7 +155,7 @@ def status(job_dir: str, as_json: bool) -> None:
 @click.argument("job_dir")
 def report(job_dir: str) -> None:
     """Write report.md, report.html and plots/*.png of the finished job in JOB_DIR."""
-    from jobs.job import report_only
+    from jobs.batch.lifecycle import report_only
 
     _finish(report_only(job_dir))
 
@@ -169,10 +171,7 @@ def _finish(result: Any) -> None:
     sys.stdout.flush()
 
 
-main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s.py)
-main.add_command(calibrate)  # cmsd-jobs calibrate (jobs/calibrate.py): SpecBound's exit temperatures
-main.add_command(eval_command)  # cmsd-jobs eval (jobs/eval.py): the nightly evaluation and benchmark
-
-if __name__ == "__main__":
-    main()
-main.add_command(distill)  # cmsd-jobs distill (jobs/distill.py): a drafter built from the target
+main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s/render.py)
+main.add_command(calibrate)  # cmsd-jobs calibrate (jobs/train/calibrate.py): SpecBound's exit temperatures
+main.add_command(eval_command)  # cmsd-jobs eval (jobs/eval/run.py): the nightly evaluation and benchmark
+main.add_command(distill)  # cmsd-jobs distill (jobs/train/distill.py): a drafter built from the target

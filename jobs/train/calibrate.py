@@ -1,4 +1,5 @@
-"""`cmsd-jobs calibrate`: fit SpecBound's exit temperatures on a small corpus and store them beside the model.
+"""SpecBound's calibration (`cmsd-jobs calibrate`): fit its exit temperatures on a small corpus, store them beside
+the model.
 
 Writes <model home>/specbound.json (read by `--method specbound`), and with --report DIR a calibration.md table
 (per-layer agreement with the final layer, ECE before and after) and a reliability plot.
@@ -6,29 +7,20 @@ Writes <model home>/specbound.json (read by `--method specbound`), and with --re
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-import click
+from typing import Any
 
 from jobs.errors import BadInput
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--target", default="smollm2", help="Target model: smollm2, a directory or hub name.")
-@click.option("--corpus", required=True, metavar="PATH", help="Documents to calibrate on (any corpus format).")
-@click.option("--task", type=click.Choice(["summarization", "translation", "plain"]), default="summarization")
-@click.option("--limit", default=16, help="Documents to use.")
-@click.option("--max-tokens", default=384, help="Tokens per document (prompt + reference) to run.")
-@click.option("--k-max", default=8, help="Longest draft the predicted speedup considers.")
-@click.option("--report", type=click.Path(file_okay=False, path_type=Path), help="Write calibration.md and a "
-              "reliability plot here.")
-def calibrate(target: str, corpus: str, task: str, limit: int, max_tokens: int, k_max: int,
-              report: Path | None) -> None:
-    """Fit SpecBound's per-layer exit temperatures and pick its exit layer for TARGET."""
+def calibrate_target(target: str, corpus: str, task: str, limit: int = 16, max_tokens: int = 384, k_max: int = 8,
+                     report: Path | None = None) -> tuple[str, Path]:
+    """Fit SpecBound's per-layer exit temperatures and pick its exit layer for `target` on the first `limit` rows of
+    `corpus`; store them beside the model. Returns the calibration table (markdown) and where it was saved."""
     from cmsd import ModelError, PromptTemplate, load_pair
-    from cmsd.selfspec import calibrate as fit, calibration_path
-    from jobs.corpus import read_corpus
-    from jobs.spec import CorpusSpec
+    from jobs.batch.corpus import read_corpus
+    from jobs.batch.spec import CorpusSpec
 
     try:
         pair = load_pair(target, None)
@@ -41,17 +33,28 @@ def calibrate(target: str, corpus: str, task: str, limit: int, max_tokens: int, 
     if not texts:
         raise BadInput(f"{corpus}: no text rows to calibrate on")
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    cal = fit(pair.target.model, ids, target, k_max=k_max, max_tokens=max_tokens)
-    path = calibration_path(pair.target.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(path)
+    cal, path = fit_and_store(pair.target, ids, target, k_max, max_tokens)
     table = calibration_table(cal)
-    click.echo(table)
     if report:
         report.mkdir(parents=True, exist_ok=True)
         (report / "calibration.md").write_text(table + f"\n![reliability](reliability.png)\n")
         reliability_plot(cal, report / "reliability.png")
-    click.echo(f"saved {path}")
+    return table, path
+
+
+def fit_and_store(target: Any, prompts: list[list[int]], name: str, k_max: int, max_tokens: int
+                  ) -> tuple[Any, Path]:
+    """cmsd.selfspec.calibrate over `prompts` (token ids) for `target` (a LoadedModel; `name` as the user named it),
+    stored beside the model where `--method specbound` reads it. Returns the Calibration and its path."""
+    from cmsd.selfspec import calibrate, calibration_path
+
+    cal = calibrate(target.model, prompts, name, k_max=k_max, max_tokens=max_tokens)
+    path = calibration_path(target.home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")  # several processes may calibrate the same model
+    cal.save(partial)
+    partial.replace(path)
+    return cal, path
 
 
 def calibration_table(cal) -> str:

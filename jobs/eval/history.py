@@ -25,9 +25,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.eval_docs import Doc
-from jobs.eval_metrics import TASK_METRICS
-from jobs.eval_suite import Floors, Suite
+from jobs.eval.docs import Doc
+from jobs.eval.metrics import TASK_METRICS
+from jobs.eval.suite import Floors, Suite
 
 CHECKED_SETTINGS = ("batch-1",)  # plus the batched setting, added per suite
 TIMING_METRICS = ("speedup_vs_ar",)  # the checks a busy machine can fail; the others are deterministic

@@ -19,8 +19,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from jobs.eval_runners import WARMUP_TOKENS, RawOutput, Runner, RunnerInfo
-from jobs.eval_suite import PeerEntry
+from jobs.eval.runners import WARMUP_TOKENS, RawOutput, Runner, RunnerInfo
+from jobs.eval.suite import PeerEntry
 
 DRAFT_RATES = ("tokens_per_call", "acceptance_rate", "mean_k")
 

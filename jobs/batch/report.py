@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs.manifest import Manifest
+from jobs.batch.manifest import Manifest
 from workers.store import JobStore, trace_path
 
 CONF_BINS = 10

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.corpus import Corpus, detect_format, read_corpus
+from jobs.batch.corpus import Corpus, detect_format, read_corpus
 from jobs.errors import BadInput
-from jobs.manifest import MANIFEST, SPEC, Manifest, ShardEntry, code_versions
-from jobs.models import check_models
-from jobs.rows import check_rows
-from jobs.shards import ShardPlan, plan_shards, shard_count, write_shards
-from jobs.spec import JobSpec
+from jobs.batch.manifest import MANIFEST, SPEC, Manifest, ShardEntry, code_versions
+from jobs.batch.models import check_models
+from jobs.batch.rows import check_rows
+from jobs.batch.shards import ShardPlan, plan_shards, shard_count, write_shards
+from jobs.batch.spec import JobSpec
 from workers.store import JobStore, normalize_uri
 
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from cmsd.stats import DocStats
-from jobs.eval_docs import DocSet
-from jobs.eval_measure import Measurements
-from jobs.eval_runners import ALL_RATES, Output, RunnerInfo
-from jobs.eval_suite import Suite
-from jobs.quality import quality
+from jobs.eval.docs import DocSet
+from jobs.eval.measure import Measurements
+from jobs.eval.runners import ALL_RATES, Output, RunnerInfo
+from jobs.eval.suite import Suite
+from jobs.batch.quality import quality
 
 TASK_METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge1", "rouge2", "rougeL"),
                 "plain": ("bleu", "chrf", "rouge1", "rouge2", "rougeL")}
@@ -84,7 +84,7 @@ def agreement(outs: list[Output], reference: dict[str, Output]) -> tuple[int, in
 
 
 def quality_numbers(task: str, outs: list[Output], references: dict[str, str | None]) -> dict[str, Any]:
-    """The corpus's BLEU/chrF (with sacrebleu signatures) or ROUGE, via the job system's jobs.quality."""
+    """The corpus's BLEU/chrF (with sacrebleu signatures) or ROUGE, via the job system's jobs.batch.quality."""
     return quality(task, [o.text for o in outs], [references.get(o.doc_id) for o in outs])
 
 
@@ -133,7 +133,7 @@ def rouge_paired(base: list[str], hyps: list[str], refs: list[str], samples: int
     from rouge_score import rouge_scorer
 
     names = ("rouge1", "rouge2", "rougeL")
-    scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)  # as jobs.quality scores them
+    scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)  # as jobs.batch.quality scores them
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     picks = rng.integers(0, len(refs), size=(samples, len(refs)))
     out = []

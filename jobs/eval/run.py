@@ -19,17 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import BadInput
-from jobs.eval_calibration import calibrate, ece_columns
-from jobs.eval_docs import DocSet, prepare_docs
-from jobs.eval_history import append_history, docs_key, previous_run, read_history, regressions
-from jobs.eval_measure import Measurements, measure, measure_on_ray, stderr_log
-from jobs.eval_metrics import TASK_METRICS, method_rows
-from jobs.eval_plots import plot_calibration, plot_k_histogram, plot_pareto, plot_trend
-from jobs.eval_report import RunRecord, write_report
-from jobs.eval_suite import Suite, load_suite
-from jobs.eval_sweep import choose, sweep_points, write_settings
-from jobs.manifest import code_versions
-from jobs.models import check_models
+from jobs.eval.calibration import calibrate, ece_columns
+from jobs.eval.docs import DocSet, prepare_docs
+from jobs.eval.history import append_history, docs_key, previous_run, read_history, regressions
+from jobs.eval.measure import Measurements, measure, measure_on_ray, stderr_log
+from jobs.eval.metrics import TASK_METRICS, method_rows
+from jobs.eval.plots import plot_calibration, plot_k_histogram, plot_pareto, plot_trend
+from jobs.eval.report import RunRecord, write_report
+from jobs.eval.suite import Suite, load_suite
+from jobs.eval.sweep import choose, sweep_points, write_settings
+from jobs.batch.manifest import code_versions
+from jobs.batch.models import check_models
 
 MACHINE_KEYS = ("platform", "machine", "python", "cpu_count", "torch", "transformers", "device", "gpu", "threads",
                 "dtype", "load_avg_mean", "load_avg_max")

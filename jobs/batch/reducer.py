@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 
 from cmsd.stats import DocStats
 from jobs.errors import JobFailed
-from jobs.manifest import SUMMARY, Manifest
-from jobs.quality import quality
-from jobs.spec import JobSpec
+from jobs.batch.manifest import SUMMARY, Manifest
+from jobs.batch.quality import quality
+from jobs.batch.spec import JobSpec
 from workers.store import JobStore, error_path, read_ipc
 
 COUNTS = tuple(f.name for f in fields(DocStats))

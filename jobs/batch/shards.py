@@ -14,8 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.rows import BadRow, GoodRow
-from jobs.spec import ExecutionSpec
+from jobs.batch.rows import BadRow, GoodRow
+from jobs.batch.spec import ExecutionSpec
 from workers.records import SHARD_SCHEMA
 from workers.store import JobStore, checksum, error_path, ipc_bytes, result_path, shard_path
 

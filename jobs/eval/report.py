@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.eval_calibration import METRICS, Calibration
-from jobs.eval_docs import DocSet
-from jobs.eval_history import Regression
-from jobs.eval_measure import Measurements
-from jobs.eval_metrics import TASK_METRICS
-from jobs.eval_suite import Suite
-from jobs.eval_sweep import SweepPoint
+from jobs.eval.calibration import METRICS, Calibration
+from jobs.eval.docs import DocSet
+from jobs.eval.history import Regression
+from jobs.eval.measure import Measurements
+from jobs.eval.metrics import TASK_METRICS
+from jobs.eval.suite import Suite
+from jobs.eval.sweep import SweepPoint
 
 Block = tuple[str, Any]
 SPEED_COLUMNS = ("new_tokens", "decode_s", "tokens_per_s", "target_calls", "tokens_per_call", "acceptance_rate",

@@ -16,7 +16,7 @@ import yaml
 
 from cmsd.settings import METHODS, DecodeSettings
 from jobs.errors import BadInput
-from jobs.spec import TASKS, CorpusSpec, ModelSpec, PromptSpec, _beside, _section
+from jobs.batch.spec import TASKS, CorpusSpec, ModelSpec, PromptSpec, _beside, _section
 
 RELAXED_BY_DEFAULT = ("adaptive-tau", "margin", "cmasd+margin")  # strict, these would be specdec / adaptive-k
 PEER_KINDS = ("greedy", "assisted", "prompt-lookup", "early-exit", "vllm")

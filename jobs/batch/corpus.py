@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.errors import BadInput
-from jobs.spec import CorpusSpec
+from jobs.batch.spec import CorpusSpec
 from workers.store import normalize_uri
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",

@@ -8,14 +8,14 @@ from typing import Any, TextIO
 
 import yaml
 
-from jobs.driver import Observer, run_shards
+from jobs.batch.driver import Observer, run_shards
 from jobs.errors import BadInput, JobFailed
-from jobs.manifest import SPEC, SUMMARY, Manifest, is_done, load_manifest, unfinished
-from jobs.prepare import create_job, prepare
-from jobs.progress import make_progress
-from jobs.reducer import reduce_job
-from jobs.report import write_report
-from jobs.spec import JobSpec, apply_overrides
+from jobs.batch.manifest import SPEC, SUMMARY, Manifest, is_done, load_manifest, unfinished
+from jobs.batch.prepare import create_job, prepare
+from jobs.batch.progress import make_progress
+from jobs.batch.reducer import reduce_job
+from jobs.batch.report import write_report
+from jobs.batch.spec import JobSpec, apply_overrides
 from workers.store import JobStore, error_path
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from jobs.eval_measure import SWEEP_PREFIX, Measurements, point_label
-from jobs.eval_suite import Suite
+from jobs.eval.measure import SWEEP_PREFIX, Measurements, point_label
+from jobs.eval.suite import Suite
 
 
 @dataclass(frozen=True)

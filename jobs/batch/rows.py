@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from jobs.corpus import Corpus
+from jobs.batch.corpus import Corpus
 
 TOKENIZE_CHUNK = 512
 

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from jobs.errors import JobFailed
-from jobs.spec import ExecutionSpec, JobSpec
+from jobs.batch.spec import ExecutionSpec, JobSpec
 from workers import ShardWorker
 from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
 

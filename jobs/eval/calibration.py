@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.eval_runners import Output
+from jobs.eval.runners import Output
 
 METRICS = ("c_ent", "c_margin", "c_soft", "c")
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs.eval_docs import Doc
-from jobs.eval_peers import PeerSkipped, make_peer
-from jobs.eval_runners import CmsdRunner, Output, Runner, RunnerInfo, timed
-from jobs.eval_suite import Suite
+from jobs.eval.docs import Doc
+from jobs.eval.peers import PeerSkipped, make_peer
+from jobs.eval.runners import CmsdRunner, Output, Runner, RunnerInfo, timed
+from jobs.eval.suite import Suite
 
 Log = Callable[[str], None]
 # what cmsd or transformers raise for a method or peer that cannot run with these models: skip it, say why
@@ -255,8 +255,8 @@ def measure_on_ray(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, .
     """execution.actors Ray tasks, each timing every method on its share of the documents."""
     import ray
 
-    from jobs.driver import ray_connection  # the job system's: join `address`, or start a local Ray
-    from jobs.spec import ExecutionSpec as JobExecution
+    from jobs.batch.driver import ray_connection  # the job system's: join `address`, or start a local Ray
+    from jobs.batch.spec import ExecutionSpec as JobExecution
 
     ex = suite.execution
     with ray_connection(JobExecution(address=ex.address)):

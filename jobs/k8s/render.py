@@ -1,4 +1,4 @@
-"""`cmsd-jobs k8s render`: KubeRay manifests for one job spec.
+"""KubeRay manifests for one job spec (`cmsd-jobs k8s render`, jobs/cli/k8s.py).
 
 `render_manifests(spec_text, kind, ...)` is a pure function that returns the documents (a ConfigMap holding
 the spec text unchanged, then a RayJob or a RayCronJob); the Click command only reads the file and prints
@@ -23,7 +23,6 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-import click
 import yaml
 
 RAY_VERSION = "2.60.0"  # the Ray pinned in k8s/Dockerfile; KubeRay wants rayVersion to match the image
@@ -34,7 +33,7 @@ KINDS = ("rayjob", "raycronjob")
 SPEC_DIR = "/etc/cmsd"
 RESULTS_MOUNT = "/mnt/results"
 RESULTS_CLAIM = "cmsd-results"
-DEFAULT_ACTORS = 2  # jobs.spec.ExecutionSpec.actors (not imported: that would load torch)
+DEFAULT_ACTORS = 2  # jobs.batch.spec.ExecutionSpec.actors (not imported: that would load torch)
 HOME = "/home/cmsd"
 UID = 1000
 MAX_NAME = {"rayjob": 47, "raycronjob": 36}  # KubeRay's limits, so that derived RayCluster names fit
@@ -145,7 +144,7 @@ def _cron_item_ok(item: str, bounds: tuple[int, int], names: dict[str, int]) -> 
 
 @dataclass(frozen=True)
 class SpecFacts:
-    """The few things render reads from a job spec (jobs/spec.py); the spec text itself is embedded unchanged."""
+    """The few things render reads from a job spec (jobs/batch/spec.py); the spec text itself is embedded unchanged."""
 
     out: str | None  # output.dir (or a plain `out`/`output` string), as written
     corpus: str | None  # corpus.path, as written
@@ -382,39 +381,3 @@ _Dumper.add_representer(str, _str_representer)
 
 def dump_manifests(docs: list[dict[str, Any]]) -> str:
     return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-@click.group("k8s")
-def k8s() -> None:
-    """Kubernetes (KubeRay) manifests for cmsd-jobs."""
-
-
-@k8s.command("render")
-@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
-@click.option("--kind", type=click.Choice(KINDS), default="rayjob", show_default=True)
-@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Container image (see k8s/Dockerfile).")
-@click.option("--gpus", type=click.IntRange(min=0), default=None,
-              help="GPU worker pods, one GPU each (0: CPU workers). Default: from the spec's execution section.")
-@click.option("--schedule", default=DEFAULT_SCHEDULE, show_default=True, help="Cron schedule (raycronjob).")
-@click.option("--namespace", default=None, help="Namespace to put in the manifests.")
-@click.option("--name", default=None, help="Resource name (default: cmsd-<hash of the spec>).")
-def render(spec_path: str, kind: str, image: str, gpus: int | None, schedule: str, namespace: str | None,
-           name: str | None) -> None:
-    """Print a ConfigMap with SPEC.yaml and a RayJob/RayCronJob that runs it (`kubectl apply -f -`)."""
-    try:
-        with open(spec_path, encoding="utf-8") as f:
-            spec_text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise click.BadParameter(f"cannot read {spec_path}: {err}", param_hint="SPEC.yaml") from err
-    try:
-        docs = render_manifests(spec_text, kind, image=image, gpus=gpus, schedule=schedule,
-                                namespace=namespace, name=name)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
-    if read_spec(spec_text).trust_remote_code:
-        click.echo("warning: the spec enables trust_remote_code: model code from the hub will run in the pods",
-                   err=True)
-    click.echo(dump_manifests(docs), nl=False)

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from jobs.eval_calibration import METRICS, Calibration
-from jobs.eval_runners import Output
-from jobs.eval_sweep import SweepPoint
+from jobs.eval.calibration import METRICS, Calibration
+from jobs.eval.runners import Output
+from jobs.eval.sweep import SweepPoint
 
 
 def _pyplot() -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cmsd.stats import DocStats
-from jobs.eval_docs import Doc
+from jobs.eval.docs import Doc
 
 ALL_RATES = ("tokens_per_call", "acceptance_rate", "mean_k", "rollback_rate")
 WARMUP_TOKENS = 4

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import BadInput
-from jobs.spec import ModelSpec
+from jobs.batch.spec import ModelSpec
 
 
 @dataclass(frozen=True)

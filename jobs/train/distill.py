@@ -1,4 +1,4 @@
-"""`cmsd-jobs distill`: build a drafter for a target that has no small sibling sharing its tokenizer.
+"""Distilled drafters (`cmsd-jobs distill`): build a drafter for a target that has no small sibling sharing its tokenizer.
 
     cmsd-jobs distill --target smollm2 --corpus xsum.jsonl --corpus wmt21_en_de.jsonl --out drafters/smollm2-2l
 
@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
 from jobs.errors import BadInput
 
 
@@ -33,34 +31,34 @@ class Sequences:
     answer_starts: list[int]
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--target", default="smollm2", help="Target model: smollm2, a directory or hub name.")
-@click.option("--corpus", "corpora", multiple=True, required=True, metavar="PATH",
-              help="A corpus (any format a job reads); repeat for several. Translation when its rows carry "
-                   "src_lang/tgt_lang, summarization otherwise (or --task).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Drafter directory.")
-@click.option("--layers", default=2, help="Transformer layers of the drafter (the target's first layers-1 and "
-              "its last).")
-@click.option("--steps", default=400, help="Training steps.")
-@click.option("--minutes", type=float, help="Stop training after this many minutes, whatever --steps says.")
-@click.option("--draft-vocab", default=8192, help="Draft vocabulary: the target's most frequent predictions "
-              "(0 = the full vocabulary). A smaller head makes every draft step cheaper.")
-@click.option("--task", type=click.Choice(["auto", "summarization", "translation", "plain"]), default="auto")
-@click.option("--holdout", default=20, help="First rows of each corpus kept out of training.")
-@click.option("--docs", default=32, help="Rows per corpus the target decodes for training (its own outputs).")
-@click.option("--text-docs", default=32, help="Further rows per corpus used as prompt + reference text.")
-@click.option("--eval-docs", default=8, help="Held-out rows per corpus for the final check.")
-@click.option("--new-tokens", default=96, help="Tokens the target generates per row.")
-@click.option("--seq-len", default=448, help="Longest training sequence (long sources are cut).")
-@click.option("--batch-tokens", default=2048, help="Tokens per training step.")
-@click.option("--lr", default=1e-3, help="Peak learning rate.")
-@click.option("--top-k", default=32, help="Target probabilities kept per position.")
-@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-@click.option("--seed", default=0)
-def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps: int, minutes: float | None,
-            draft_vocab: int, task: str, holdout: int, docs: int, text_docs: int, eval_docs: int, new_tokens: int,
-            seq_len: int, batch_tokens: int, lr: float, top_k: int, device: str, seed: int) -> None:
-    """Distill a small drafter sharing TARGET's tokenizer from TARGET's own predictions."""
+@dataclass(frozen=True)
+class DistillJob:
+    """What `cmsd-jobs distill` was asked (its options; jobs/cli/train.py documents each)."""
+
+    target: str
+    corpora: tuple[str, ...]
+    out: Path  # the drafter directory; OUT/work keeps the stages and the checkpoint
+    layers: int = 2  # the target's first layers-1 and its last
+    steps: int = 400
+    minutes: float | None = None  # stop training after this long, whatever `steps` says
+    draft_vocab: int = 8192  # 0 = the full vocabulary
+    task: str = "auto"
+    holdout: int = 20  # first rows of each corpus kept out of training
+    docs: int = 32  # rows per corpus the target decodes (its own outputs)
+    text_docs: int = 32  # further rows per corpus used as prompt + reference
+    eval_docs: int = 8  # held-out rows per corpus scored at the end
+    new_tokens: int = 96
+    seq_len: int = 448
+    batch_tokens: int = 2048
+    lr: float = 1e-3
+    top_k: int = 32
+    device: str = "auto"
+    seed: int = 0
+
+
+def run_distill(job: DistillJob) -> str:
+    """Distill a small drafter sharing the target's tokenizer from the target's own predictions into `job.out`;
+    returns its model card. Progress and stages go to stderr."""
     import torch
 
     from cmsd import ModelError, load_pair
@@ -68,17 +66,20 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
     from cmsd.distill import (DistillSettings, TeacherData, draft_vocabulary, evaluate, init_drafter,
                               save_drafter, teacher_targets, train)
 
+    target, corpora, out, layers, steps = job.target, job.corpora, job.out, job.layers, job.steps
+    task, holdout, docs, text_docs, eval_docs = job.task, job.holdout, job.docs, job.text_docs, job.eval_docs
+    new_tokens, seq_len, top_k, draft_vocab = job.new_tokens, job.seq_len, job.top_k, job.draft_vocab
     try:
-        settings = DistillSettings(layers=layers, draft_vocab=draft_vocab, steps=steps, batch_tokens=batch_tokens,
-                                   lr=lr, top_k=top_k, seed=seed, minutes=minutes)
+        settings = DistillSettings(layers=layers, draft_vocab=draft_vocab, steps=steps, batch_tokens=job.batch_tokens,
+                                   lr=job.lr, top_k=top_k, seed=job.seed, minutes=job.minutes)
     except ValueError as err:
         raise BadInput(str(err)) from err
     if new_tokens >= seq_len - 32:
         raise BadInput(f"--new-tokens {new_tokens} leaves no room for a prompt in --seq-len {seq_len}")
     started = time.perf_counter()
-    torch.manual_seed(seed)
+    torch.manual_seed(job.seed)
     try:
-        pair = load_pair(target, "ngram", device=device, dtype="float32")
+        pair = load_pair(target, "ngram", device=job.device, dtype="float32")
     except ModelError as err:
         raise BadInput(str(err)) from err
     tok = pair.tokenizer
@@ -146,17 +147,16 @@ def distill(target: str, corpora: tuple[str, ...], out: Path, layers: int, steps
     card = _card(meta, len(vocab))
     save_drafter(student, tok, vocab, out, card, meta)
     (out / "distill.json").write_text(json.dumps(meta, indent=2))
-    click.echo(card)
-    click.echo(f"saved {out} (use it as --drafter {out})")
+    return card
 
 
 def _rows(path: str, task: str, tokenizer: Any, wanted: int, budget: int) -> list[tuple[list[int], str | None]]:
     """The corpus's first `wanted` good rows as (prompt ids, reference); long sources are cut to fit `budget`."""
     from cmsd import PromptTemplate
-    from jobs.corpus import read_corpus
-    from jobs.eval_docs import encode
-    from jobs.rows import check_rows
-    from jobs.spec import CorpusSpec
+    from jobs.batch.corpus import read_corpus
+    from jobs.eval.docs import encode
+    from jobs.batch.rows import check_rows
+    from jobs.batch.spec import CorpusSpec
 
     corpus = read_corpus(CorpusSpec(path=path, limit=wanted + 16))
     kind = task if task != "auto" else ("translation" if corpus.langs else "summarization")
@@ -202,7 +202,7 @@ def _bar(total: int, desc: str, unit: str):
 
 def _say(started: float):
     def say(text: str) -> None:
-        click.echo(f"[{time.perf_counter() - started:7.1f}s] {text}", err=True)
+        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
     return say
 
 

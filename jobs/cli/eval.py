@@ -1,6 +1,6 @@
-"""`cmsd-jobs eval SUITE.yaml`: the nightly evaluation and benchmark (the work is in jobs/eval_run.py).
+"""`cmsd-jobs eval SUITE.yaml`: the nightly evaluation and benchmark (the work is in jobs/eval/run.py).
 
-Kept light: importing this module (as jobs/cli.py does) loads neither torch nor ray nor cmsd.
+Kept light: importing this module (as jobs/cli/__init__.py does) loads neither torch nor ray nor cmsd.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, 
     On a busy machine (execution.busy_load) failed timing checks are printed as warnings and do not fail.
     The last line printed is the run's directory.
     """
-    from jobs.eval_run import run_eval
+    from jobs.eval.run import run_eval
 
     record, out = run_eval(suite_file, out_dir, history_dir, address)
     for regression in record.regressions:
