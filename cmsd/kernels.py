@@ -14,6 +14,9 @@ a tree has its own mask) transformers' SDPA path copies each key/value head once
 query token it instead folds the query heads of a group into the query length; `packed_sdpa` does the same for
 W tokens ([B, H, W, D] -> [B, H_kv, G * W, D], the mask repeated G times), so no cache is copied.
 
+What a measurement times goes through a stopwatch (`use_stopwatch`): the wall clock by default; a test injects
+modelled costs instead, so nothing it asserts follows timing noise.
+
 `decode_kernels(models, rows)` turns both on for a decode (the Decoder does it for its target and drafter), and
 leaves the models as they were afterwards, so other code sharing them (transformers' generate in `cmsd-jobs eval`)
 runs transformers' and torch's own paths.
@@ -25,7 +28,7 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -39,6 +42,27 @@ SMALL_ROWS = range(1, 9)
 log = logging.getLogger(__name__)
 _counts: weakref.WeakKeyDictionary[nn.Module, dict[int, frozenset[int]]] = weakref.WeakKeyDictionary()
 _costs: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[float, ...]]] = weakref.WeakKeyDictionary()
+
+Stopwatch = Callable[[tuple, Callable[[], object]], float]
+"""Runs `work` and returns the seconds it took; `what` says what is timed: ("forward", tokens) or
+("linear", rows, small) with small True for the (W @ x.T).T product."""
+
+
+def wall_clock(what: tuple, work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+_stopwatch: Stopwatch = wall_clock
+
+
+def use_stopwatch(stopwatch: Stopwatch) -> Stopwatch:
+    """Time the measurements with `stopwatch` from now on; returns the one it replaces. Costs measured before stay
+    cached for their models."""
+    global _stopwatch
+    previous, _stopwatch = _stopwatch, stopwatch
+    return previous
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -107,8 +131,8 @@ def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset
                 timings: dict[bool, list[float]] = {False: [], True: []}
 
                 def one_pass(small: bool) -> float:
-                    return _timed(lambda: [linear(x, layer.weight, layer.bias, (n,) if small else ())
-                                           for layer, x in zip(layers, inputs)])
+                    return _stopwatch(("linear", n, small), lambda: [
+                        linear(x, layer.weight, layer.bias, (n,) if small else ()) for layer, x in zip(layers, inputs)])
 
                 one_pass(True)  # warm-up
                 for round_ in range(max(repeats, 2)):
@@ -154,7 +178,7 @@ def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: i
 
         for round_ in range(repeats + 1):  # round 0: warm-up
             for n in timings:
-                seconds = _timed(lambda: verify_pass(n))
+                seconds = _stopwatch(("forward", n), lambda: verify_pass(n))
                 if round_:
                     timings[n].append(seconds)
         one = min(timings[1])
@@ -162,12 +186,6 @@ def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: i
         log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,
                  " ".join(f"{c:.2f}" for c in known[width, kernels]), time.perf_counter() - started)
     return known[width, kernels]
-
-
-def _timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 @contextmanager

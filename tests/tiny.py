@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
@@ -73,3 +75,35 @@ def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
         order = torch.randint(0, 4, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)
         out.append([t for i in order.tolist() for t in segments[i]])
     return out
+
+
+class ModelledCosts:
+    """A stopwatch for cmsd.kernels' cost measurements (`use_stopwatch`) that runs the work and returns modelled
+    seconds instead of the wall clock: a verify pass over n tokens costs 1 + 0.1 (n - 1) single steps (so the
+    automatic verify budget is 4 tokens a pass), and the (W @ x.T).T product costs half of torch's for the row counts
+    in `faster_rows`, the same for the others (so exactly those use it). Every test then takes the same decode paths
+    on any machine and under any load (tests/conftest.py installs it for the session)."""
+
+    def __init__(self, slope: float = 0.1, faster_rows: frozenset[int] = frozenset({2, 3})) -> None:
+        self.slope, self.faster_rows = slope, faster_rows
+        self.calls: list[tuple] = []
+
+    def __call__(self, what: tuple, work) -> float:
+        work()
+        self.calls.append(what)
+        if what[0] == "forward":
+            return 1.0 + self.slope * (what[1] - 1)
+        _, rows, small = what
+        return 0.5 if small and rows in self.faster_rows else 1.0
+
+
+@contextmanager
+def timed_by(stopwatch) -> Iterator[None]:
+    """cmsd.kernels' measurements use `stopwatch` inside the block."""
+    from cmsd import kernels
+
+    previous = kernels.use_stopwatch(stopwatch)
+    try:
+        yield
+    finally:
+        kernels.use_stopwatch(previous)
