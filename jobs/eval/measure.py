@@ -29,6 +29,7 @@ from jobs.eval.runners import CmsdRunner, Output, Runner, RunnerInfo, timed
 from jobs.eval.suite import Suite
 
 Log = Callable[[str], None]
+CALIBRATION_TOKENS = 384  # tokens per document SpecBound's calibration runs (as `cmsd-jobs calibrate`)
 # what cmsd or transformers raise for a method or peer that cannot run with these models: skip it, say why
 SKIPPABLE = (ValueError, NotImplementedError, TypeError, RuntimeError, AttributeError, KeyError)
 SWEEP_PREFIX = "sweep "
@@ -44,12 +45,14 @@ class Measurements:
     measure_s: float = 0.0
     retimed: list[str] = field(default_factory=list)  # units timed again (a burst of other work on the machine)
     loads: list[float] = field(default_factory=list)  # 1-minute load average after each timed unit
+    notes: list[str] = field(default_factory=list)  # what the run did besides timing (a calibration it fitted)
 
     def merge(self, other: Measurements) -> Measurements:
         return Measurements(self.outputs + other.outputs, {**self.info, **other.info},
                             {**self.skipped, **other.skipped}, self.machine or other.machine,
                             max(self.load_s, other.load_s), max(self.measure_s, other.measure_s),
-                            self.retimed + other.retimed, self.loads + other.loads)
+                            self.retimed + other.retimed, self.loads + other.loads,
+                            self.notes + [n for n in other.notes if n not in self.notes])
 
     @property
     def busy(self) -> float:
@@ -68,6 +71,7 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
     pair = load_models(suite)
     load_s = time.perf_counter() - start
     log(f"models loaded in {load_s:.1f}s on {pair.device}")
+    notes = calibrate_self_drafting(suite, pair, validation or test, log)
     runners, skipped = build_runners(suite, pair)
     runners = warm_up(runners, list(test[0].prompt_ids), skipped, log)
     ex = suite.execution
@@ -87,7 +91,7 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
     info = {r.name: r.info for r in [*runners, *sweep]}
     machine = {**machine_info(pair), "load_avg_mean": sum(loads) / len(loads), "load_avg_max": max(loads)}
     return Measurements(outputs, info, skipped, machine, load_s, time.perf_counter() - start - load_s, retimed,
-                        loads)
+                        loads, notes)
 
 
 def load_models(suite: Suite) -> Any:
@@ -99,6 +103,28 @@ def load_models(suite: Suite) -> Any:
         torch.set_num_threads(suite.execution.threads)
     m = suite.models
     return load_pair(m.target, m.drafter, device=m.device, dtype=m.dtype)
+
+
+def calibrate_self_drafting(suite: Suite, pair: Any, docs: tuple[Doc, ...], log: Log) -> list[str]:
+    """SpecBound runs on its target's calibration (exit layer, temperatures, whether it pays at all). Where the suite
+    has a SpecBound method and none is stored beside the target (a fresh machine), fit it on `docs` (the validation
+    documents where there are some) and store it there, as `cmsd-jobs calibrate` does: the next run reuses it.
+    execution.calibrate: false leaves an uncalibrated target as it is. Returns a note for the report."""
+    from cmsd.selfspec import calibration_path
+    from jobs.train.calibrate import fit_and_store
+
+    methods = [m for m in suite.methods if m.settings.method == "specbound"]
+    if not methods or not suite.execution.calibrate or calibration_path(pair.target.home).is_file():
+        return []
+    start = time.perf_counter()
+    k_max = max(m.settings.control.k_max for m in methods)
+    cal, path = fit_and_store(pair.target, [list(d.prompt_ids) for d in docs], suite.models.target, k_max,
+                              CALIBRATION_TOKENS)
+    note = (f"SpecBound was not calibrated for {suite.models.target}: calibrated on {len(docs)} documents in "
+            f"{time.perf_counter() - start:.0f} s (exit layer {cal.exit_layer}, predicted "
+            f"{cal.predicted_speedup:.2f}x), stored in {path}")
+    log(note)
+    return [note]
 
 
 def build_runners(suite: Suite, pair: Any) -> tuple[list[Runner], dict[str, str]]:

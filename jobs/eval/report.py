@@ -206,6 +206,7 @@ def build(rec: RunRecord, plots: dict[str, str]) -> list[Block]:
     skipped = [f"{name}: {why}" for name, why in rec.meas.skipped.items()]
     skipped += [f"{name} ran, but {info.note}" for name, info in rec.meas.info.items() if info.note]
     skipped += [f"timed again, each runner keeping its faster time: {unit}" for unit in rec.meas.retimed]
+    skipped += rec.meas.notes
     blocks += [("h2", "Skipped or changed"), ("list", skipped or ["nothing"]), ("h2", "How this was measured"),
                ("p", PROTOCOL)]
     return blocks + ([("h2", "Notes"), ("list", list(rec.docs.notes))] if rec.docs.notes else [])

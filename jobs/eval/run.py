@@ -119,7 +119,7 @@ def write_outputs(rec: RunRecord, out_dir: Path) -> None:
                "measure_s": rec.meas.measure_s, "previous_run": rec.previous_id, "skipped": rec.meas.skipped,
                "regressions": [r.message() for r in rec.regressions],
                "warnings": [r.message() for r in rec.warnings], "rows": rec.rows,
-               "chosen_settings": rec.chosen_path, "notes": list(rec.docs.notes)}
+               "chosen_settings": rec.chosen_path, "notes": [*rec.docs.notes, *rec.meas.notes]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     pq.write_table(results_table(rec.meas), out_dir / "results.parquet")
     traces = traces_table(rec.meas)

@@ -207,6 +207,7 @@ class ExecutionSpec:
     retime_factor: float = 2.0  # time a unit again when a runner's time on it is off by more (0: never)
     busy_load: float = 1.5  # mean load average per CPU above which speed regressions are only warnings (0: never)
     batched_rounds: int = 1  # times the batched setting is timed, each runner keeping its fastest per batch
+    calibrate: bool = True  # SpecBound methods: calibrate the target first where it has no stored calibration
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, f"execution.actors must be >= 1, got {self.actors}")
@@ -214,6 +215,7 @@ class ExecutionSpec:
                f"execution.retime_factor must be 0 (never) or > 1, got {self.retime_factor}")
         _check(self.busy_load >= 0, f"execution.busy_load must be >= 0, got {self.busy_load}")
         _check(self.batched_rounds >= 1, f"execution.batched_rounds must be >= 1, got {self.batched_rounds}")
+        _check(isinstance(self.calibrate, bool), f"execution.calibrate must be true or false, got {self.calibrate!r}")
         _check(self.gpus_per_actor is None or self.gpus_per_actor >= 0,
                f"execution.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         _check(self.threads is None or self.threads >= 1, f"execution.threads must be >= 1, got {self.threads}")

@@ -7,6 +7,7 @@ the real model on two documents (marked real_model).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def test_k8s_suite_follows_the_format() -> None:
     ({"peers": [{"kind": "beam"}]}, "peers[].kind"),
     ({"sweep": {"grid": {"alpha": [1], "beta": [2]}}}, "unknown knob"),
     ({"decode": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ({"execution": {"calibrate": "yes"}}, "execution.calibrate must be true or false"),
     ({"corpora": [{"path": "/nonexistent/x.jsonl", "task": "summarization"}]}, "/nonexistent/x.jsonl"),
     ({"methods": ["ar", {"name": "mine", "method": "cmasd", "drafter": "/nonexistent/drafter"}]},
      "methods 'mine': cannot load model '/nonexistent/drafter'"),
@@ -160,6 +162,29 @@ def test_timing_checks_only_warn_on_a_busy_machine(tmp_path: Path, corpora: dict
     assert result.exit_code == 0, result.output
     assert "WARNING (busy machine) cmasd [batch-1, all]: speedup_vs_ar" in result.output
     assert "REGRESSION" not in result.output
+
+
+def test_a_fresh_machine_calibrates_specbound_once_and_keeps_it(tmp_path: Path, corpora: dict[str, Path],
+                                                              tiny_target: Path) -> None:
+    """A target without a SpecBound calibration (a fresh machine): the first run fits one before timing, stores it
+    beside the model and says so in the report; the next run reuses it; execution.calibrate: false leaves it."""
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target, target)  # its own home: the calibration lands beside this copy
+    methods = ["ar", {"name": "specbound", "limit": 1, "batch": False}]
+    off = tiny_suite(corpora, target, batch_size=1, peers=[], methods=methods, execution={"calibrate": False})
+    for name in ("off", "first", "second"):
+        (tmp_path / name).mkdir()
+    result, _ = run_eval(tmp_path / "off", off)
+    assert result.exit_code == 0, result.output
+    assert not (target / "specbound.json").exists()
+    runs = [run_eval(tmp_path / name, tiny_suite(corpora, target, batch_size=1, peers=[], methods=methods))[0]
+            for name in ("first", "second")]
+    assert [r.exit_code for r in runs] == [0, 0], [r.output for r in runs]
+    assert json.loads((target / "specbound.json").read_text())["layers"]  # stored where --method specbound reads
+    first, second = (json.loads((run_dir(r) / "summary.json").read_text())["notes"] for r in runs)
+    assert [n for n in first if "SpecBound was not calibrated" in n] and str(target) in " ".join(first)
+    assert not [n for n in second if "SpecBound" in n]  # reused, not fitted again
+    assert "SpecBound was not calibrated" in (run_dir(runs[0]) / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
