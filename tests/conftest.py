@@ -24,8 +24,8 @@ def smollm2_ngram():
 @pytest.fixture(scope="session", autouse=True)
 def modelled_costs():
     """cmsd.kernels times its one-time cost measurements with modelled costs, not the wall clock: what a test
-    asserts never follows timing noise (tests/tiny.py: ModelledCosts). tests/cmsd/test_kernels.py tests the wall
-    clock's own path."""
+    asserts never follows timing noise (tests/tiny.py: ModelledCosts; the automatic verify budget is 4 tokens, the
+    linear layers keep torch's product). tests/cmsd/test_kernels.py tests the wall clock's own path."""
     from tests.tiny import ModelledCosts, timed_by
 
     with timed_by(ModelledCosts()):

@@ -68,6 +68,20 @@ def test_small_rows_swaps_linear_layers_only_inside_the_block() -> None:
         assert all(type(m) is nn.Linear for m in layers)
 
 
+def test_decodes_with_the_small_row_product_equal_greedy() -> None:
+    """Where (W @ x.T).T is timed faster (here: modelled, for 2 and 3 rows), a decode's 2- and 3-token passes use it
+    and the output is still greedy's, at batch 1 and 3."""
+    model = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 6)
+    expected = [greedy_reference(model, p, 24) for p in prompts]
+    with timed_by(ModelledCosts(faster_rows=frozenset({2, 3}))):
+        for batch in (1, 3):
+            settings = DecodeSettings(max_new_tokens=24, batch_size=batch, verify_tokens=UNCAPPED)
+            gens = Decoder(_pair(model), settings).generate_ids(prompts)
+            assert [g.token_ids for g in gens] == expected, batch
+    assert kernels._counts[model][8] == {2, 3}  # the decodes ran with the small-row product for those rows
+
+
 def test_forward_costs_are_the_fastest_timing_per_width_over_one_token() -> None:
     """A pass over n tokens timed at 1 + 0.2 (n - 1) units, its warm-up 100x and its first timed round 3x slower (a
     busy machine): the costs are the fastest timed round's, relative to one token; measured once per model; None
