@@ -24,7 +24,7 @@ def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, 
     check calibration and quality, compare with the history, and write the report.
 
     \b
-    Suites shipped: jobs/suites/nightly.yaml (2-core CPU, < 10 min), jobs/suites/gpu.yaml (a GPU cluster).
+    Suites shipped: jobs/suites/nightly.yaml (2-core CPU, 9-16 min), jobs/suites/gpu.yaml (a GPU cluster).
     Exit codes: 0 no regression, 1 regression(s) (listed, and in the report), 2 bad suite / corpus / model.
     On a busy machine (execution.busy_load) failed timing checks are printed as warnings and do not fail.
     The last line printed is the run's directory.
