@@ -1,4 +1,4 @@
-"""On the real model (SmolLM2-135M-Instruct, offline) and 20 real documents: strict CM-ASD with the n-gram
+"""On the real model (SmolLM2-135M-Instruct, offline) and 16 real documents: strict CM-ASD with the n-gram
 drafter gives transformers' own greedy output, at batch 1 and at batch 8."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ NEW = 32
 pytestmark = pytest.mark.real_model
 
 
-def _documents(count: int = 20) -> list[dict]:
+def _documents(count: int = 16) -> list[dict]:
     rows = []
     for name in ("xsum.test.jsonl", "cnn_dailymail.test.jsonl"):
         path = SHARED / name
@@ -33,8 +33,8 @@ def _documents(count: int = 20) -> list[dict]:
 def test_strict_cmasd_with_ngram_equals_transformers_greedy(smollm2_ngram) -> None:
     pair = smollm2_ngram
     template = PromptTemplate("summarization")
-    docs = _documents()
-    assert len(docs) >= 20
+    docs = _documents()  # 16: on a 2-core EPYC this test alone took 230-290 s with 20 (40 % of it the reference)
+    assert len(docs) >= 16
     prompts = [template.render(pair.tokenizer, d["source"]) for d in docs]
     reference = []
     for prompt in prompts:
