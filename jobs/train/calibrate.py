@@ -14,8 +14,8 @@ from typing import Any
 from jobs.errors import BadInput
 
 
-def calibrate_target(target: str, corpus: str, task: str, limit: int = 16, max_tokens: int = 384, k_max: int = 8,
-                     report: Path | None = None) -> tuple[str, Path]:
+def calibrate_target(target: str, corpus: str, task: str, limit: int, max_tokens: int, k_max: int,
+                     report: Path | None) -> tuple[str, Path]:
     """Fit SpecBound's per-layer exit temperatures and pick its exit layer for `target` on the first `limit` rows of
     `corpus`; store them beside the model. Returns the calibration table (markdown) and where it was saved."""
     from cmsd import ModelError, PromptTemplate, load_pair

@@ -33,27 +33,27 @@ class Sequences:
 
 @dataclass(frozen=True)
 class DistillJob:
-    """What `cmsd-jobs distill` was asked (its options; jobs/cli/train.py documents each)."""
+    """What `cmsd-jobs distill` was asked: its options, whose defaults and help are in jobs/cli/train.py (one place)."""
 
     target: str
     corpora: tuple[str, ...]
     out: Path  # the drafter directory; OUT/work keeps the stages and the checkpoint
-    layers: int = 2  # the target's first layers-1 and its last
-    steps: int = 400
-    minutes: float | None = None  # stop training after this long, whatever `steps` says
-    draft_vocab: int = 8192  # 0 = the full vocabulary
-    task: str = "auto"
-    holdout: int = 20  # first rows of each corpus kept out of training
-    docs: int = 32  # rows per corpus the target decodes (its own outputs)
-    text_docs: int = 32  # further rows per corpus used as prompt + reference
-    eval_docs: int = 8  # held-out rows per corpus scored at the end
-    new_tokens: int = 96
-    seq_len: int = 448
-    batch_tokens: int = 2048
-    lr: float = 1e-3
-    top_k: int = 32
-    device: str = "auto"
-    seed: int = 0
+    layers: int  # the target's first layers-1 and its last
+    steps: int
+    minutes: float | None  # stop training after this long, whatever `steps` says
+    draft_vocab: int  # 0 = the full vocabulary
+    task: str
+    holdout: int  # first rows of each corpus kept out of training
+    docs: int  # rows per corpus the target decodes (its own outputs)
+    text_docs: int  # further rows per corpus used as prompt + reference
+    eval_docs: int  # held-out rows per corpus scored at the end
+    new_tokens: int
+    seq_len: int
+    batch_tokens: int
+    lr: float
+    top_k: int
+    device: str
+    seed: int
 
 
 def run_distill(job: DistillJob) -> str:
