@@ -23,9 +23,14 @@ class Controller:
         self.tau_on = settings.threshold_rule
         self.cbar = torch.full((batch,), float("nan"), device=device)  # [B] nan until a row has drafted
         self.specbound = settings.specbound if settings.bounded else None
-        floor = self.specbound.bound if self.specbound else self.control.c_stop
-        self.floor = torch.full((batch,), floor, device=device)  # [B] drafting stops before C < floor
+        self.start_floor = self.specbound.bound if self.specbound else self.control.c_stop
+        self.floor = torch.full((batch,), self.start_floor, device=device)  # [B] drafting stops before C < floor
         self.begin_draft()
+
+    def refill(self, rows: list[int]) -> None:
+        """These rows start over with new documents (continuous batching): no draft seen yet, the first bound."""
+        index = torch.tensor(rows, device=self.floor.device)
+        self.cbar[index], self.floor[index] = float("nan"), self.start_floor
 
     def draft_lengths(self, budget: torch.Tensor) -> torch.Tensor:
         """budget: [B] the most drafted tokens a row can still use. Returns k: [B]."""

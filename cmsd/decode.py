@@ -8,6 +8,7 @@ states (cmsd.kv); one host transfer per iteration carries the verdict back for b
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +17,7 @@ import torch
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
 from cmsd.kernels import decode_kernels, forward_costs
-from cmsd.kv import HoleyState, SyncState, open_state
+from cmsd.kv import HoleyState, SyncState, open_state, position_table, refill_state
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.selfspec import SelfSpecPlan
 from cmsd.settings import DecodeSettings
@@ -46,6 +47,7 @@ class _Row:
     stats: DocStats = field(default_factory=lambda: DocStats(docs=1))
     finish: str | None = None
     trace: dict[str, list] | None = None
+    started: float = 0.0  # perf_counter when the row joined a batch
 
 
 class Decoder:
@@ -96,7 +98,9 @@ class Decoder:
     # -- token level -----------------------------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], doc_ids: list[str] | None = None,
                      progress: Callable[[int], None] | None = None) -> list[Generation]:
-        """Decode token-id prompts in batches of settings.batch_size, longest first (less padding)."""
+        """Decode token-id prompts, longest first (less padding), settings.batch_size rows at a time. With
+        settings.continuous the next document takes a finished row's place at once; otherwise each batch drains
+        before the next starts. `progress(1)` is called as each document finishes."""
         doc_ids = doc_ids or [str(i) for i in range(len(prompts))]
         if len(doc_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(doc_ids)} doc ids")
@@ -109,38 +113,54 @@ class Decoder:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[Generation | None] = [None] * len(prompts)
         size = self.settings.batch_size
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            gens = self._decode_batch([prompts[i] for i in chunk], [doc_ids[i] for i in chunk], seed_offset=start)
+        step = max(1, len(order)) if self.continuous else size
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            gens = self._decode_batch([prompts[i] for i in chunk], [doc_ids[i] for i in chunk], start, progress)
             for i, gen in zip(chunk, gens):
                 out[i] = gen
-            if progress:
-                progress(len(chunk))
         return out  # type: ignore[return-value]
 
+    @property
+    def continuous(self) -> bool:
+        """Whether a finished row's place goes to the next document (a SyncState's rows cannot start over)."""
+        model = self.pair.target.model
+        return self.settings.continuous and (not model.config.is_encoder_decoder or position_table(model) is not None)
+
     @torch.inference_mode()
-    def _decode_batch(self, prompts: list[list[int]], doc_ids: list[str], seed_offset: int) -> list[Generation]:
-        settings, device = self.settings, self.pair.device
-        started = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(settings.seed + seed_offset)
+    def _decode_batch(self, prompts: list[list[int]], doc_ids: list[str], seed_offset: int,
+                      progress: Callable[[int], None] | None) -> list[Generation]:
+        """Decode a queue of prompts, at most settings.batch_size rows at once."""
+        settings = self.settings
+        generator = torch.Generator(device=self.pair.device).manual_seed(settings.seed + seed_offset)
         sampler = Sampler(settings.temperature, generator)
-        rows = [_Row(d, len(p), min(settings.max_new_tokens, self.pair.max_context - len(p)),
-                     trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None) for d, p in zip(doc_ids, prompts)]
-        capacity = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * settings.control.k_max + 8
         drafter_model = self.pair.drafter.model if isinstance(self.pair.drafter, LoadedModel) else None
         with decode_kernels([self.pair.target.model, drafter_model], settings.small_rows):
             if not settings.verify_tokens and settings.drafts:
                 self.costs = forward_costs(self.pair.target.model, MAX_PASS)
                 self.verify_tokens = pass_budget(self.costs, self.pair.device)
-            return self._decode_rows(prompts, rows, capacity, sampler, generator, started)
+            return self._decode_rows(prompts, doc_ids, sampler, generator, progress)
 
-    def _decode_rows(self, prompts: list[list[int]], rows: list[_Row], capacity: int, sampler: Sampler,
-                     generator: torch.Generator, started: float) -> list[Generation]:
+    def _decode_rows(self, prompts: list[list[int]], doc_ids: list[str], sampler: Sampler,
+                     generator: torch.Generator, progress: Callable[[int], None] | None) -> list[Generation]:
         settings, device = self.settings, self.pair.device
-        target, pending, drafter = self._open(prompts, capacity, sampler)  # 1. prefill
-        controller = Controller(settings, len(prompts), device)
-        live = list(range(len(rows)))
-        iteration = 0
+        queue = deque(range(len(prompts)))
+        rows: list[_Row] = []
+
+        def admit(count: int) -> list[int]:
+            """The next documents of the queue; returns their indices into `prompts`."""
+            taken = [queue.popleft() for _ in range(min(count, len(queue)))]
+            for i in taken:  # rows[i] is the record of prompts[i]: the queue is taken in order
+                budget = min(settings.max_new_tokens, self.pair.max_context - len(prompts[i]))
+                rows.append(_Row(doc_ids[i], len(prompts[i]), budget, started=time.perf_counter(),
+                                 trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None))
+            return taken
+
+        live = admit(settings.batch_size)  # batch row b decodes prompts[live[b]]
+        capacity = max(len(prompts[i]) for i in live) + settings.max_new_tokens + 2 * settings.control.k_max + 8
+        target, pending, drafter = self._open([prompts[i] for i in live], capacity, sampler)  # 1. prefill
+        controller = Controller(settings, len(live), device)
+        iteration, mark = 0, rows[0].started
         while live:
             share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
             budget = torch.tensor([min(share, rows[r].budget - len(rows[r].tokens) - 1) for r in live], device=device)
@@ -152,17 +172,43 @@ class Decoder:
                 drafter.commit(verdict.accepted, verdict.next_token, verdict.path)
             controller.observe(draft, verdict.accepted)  # 5. adapt
             pending = verdict.next_token
-            self._record([rows[r] for r in live], draft, verdict, k, tau, iteration, started)
+            self._record([rows[r] for r in live], draft, verdict, k, tau, iteration)
             iteration += 1
-            stay = [i for i, r in enumerate(live) if rows[r].finish is None]
-            if len(stay) < len(live):  # 6. finished rows leave the batch
+            now = time.perf_counter()
+            for r in live:  # the iteration's wall time, shared by the rows in it
+                rows[r].stats.decode_s += (now - mark) / len(live)
+            mark = now
+            done = [b for b, r in enumerate(live) if rows[r].finish is not None]
+            if not done:
+                continue
+            if progress:
+                progress(len(done))
+            new = admit(len(done)) if self.continuous else []  # 6. the next documents take finished rows' places
+            if new:
+                places = done[:len(new)]
+                pending = pending.clone()
+                pending[torch.tensor(places, device=device)] = self._refill(target, drafter, controller, places,
+                                                                            [prompts[i] for i in new])
+                for b, i in zip(places, new):
+                    live[b] = i
+            stay = [b for b, r in enumerate(live) if rows[r].finish is None]
+            if len(stay) < len(live):  # 7. finished rows with nothing to take their place leave the batch
                 index = torch.tensor(stay, device=device, dtype=torch.long)
                 for part in (target, drafter, controller):
                     if part:
                         part.select(index)
                 pending = pending[index]
-                live = [live[i] for i in stay]
-        return self._finish(rows, time.perf_counter() - started)
+                live = [live[b] for b in stay]
+        return [self._finish(row) for row in rows]
+
+    def _refill(self, target: HoleyState, drafter: Drafter | None, controller: Controller, places: list[int],
+                prompts: list[list[int]]) -> torch.Tensor:
+        """Batch rows `places` start over with new prompts; returns the first token each of them feeds."""
+        first = refill_state(target, places, prompts)
+        if drafter:
+            drafter.refill(places, prompts)
+        controller.refill(places)
+        return first
 
     def _verify(self, target: HoleyState | SyncState, pending: torch.Tensor, draft: Draft, controller: Controller,
                 generator: torch.Generator) -> tuple[Verdict, Draft, torch.Tensor]:
@@ -171,7 +217,8 @@ class Decoder:
         tokens = torch.cat([pending[:, None], draft.tokens], 1)  # [B, 1 + K]
         valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),
                            torch.arange(draft.tokens.shape[1], device=pending.device) < draft.lengths[:, None]], 1)
-        if draft.parents is not None:  # a tree: each draft sees the cache, the pending token and its ancestors
+        if draft.parents is not None and draft.tokens.shape[1]:  # a tree: each draft sees the cache, the pending
+            #                                                      token and its ancestors
             logits = target.feed(tokens, valid, parents=torch.cat([torch.full_like(tokens[:, :1], -1),
                                                                    draft.parents + 1], 1))
             verdict = verify_tree(draft.tokens, draft.lengths, draft.parents, logits)
@@ -206,11 +253,11 @@ class Decoder:
         raise ValueError(f"unknown drafter {drafter!r}")
 
     def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
-                iteration: int, started: float) -> None:
+                iteration: int) -> None:
         """Append each row's accepted drafts and next token (cut at EOS / budget) and count everything."""
         accepted, nxt = verdict.accepted.tolist(), verdict.next_token.tolist()
         lengths, drafted = draft.lengths.tolist(), draft.tokens.tolist()
-        now = time.perf_counter() - started
+        now = time.perf_counter()
         for i, row in enumerate(rows):
             a, n = accepted[i], lengths[i]
             if row.trace is not None and n:
@@ -227,7 +274,7 @@ class Decoder:
             s.target_calls, s.iterations, s.drafted, s.accepted = s.target_calls + 1, s.iterations + 1, s.drafted + n, s.accepted + a
             s.rollbacks += int(a < n)
             if row.finish:
-                s.latency_s = now
+                s.latency_s = now - row.started
 
     def _hit_stop(self, row: _Row) -> bool:
         tokenizer = self.pair.tokenizer
@@ -236,15 +283,9 @@ class Decoder:
         text = tokenizer.decode(row.tokens[-64:], skip_special_tokens=True)
         return any(stop in text for stop in self.settings.stop)
 
-    def _finish(self, rows: list[_Row], wall: float) -> list[Generation]:
-        total = sum(len(r.tokens) for r in rows) or 1
-        gens = []
-        for row in rows:
-            row.stats.new_tokens = len(row.tokens)
-            row.stats.decode_s = wall * len(row.tokens) / total  # shares of the batch's wall time
-            gens.append(Generation(row.doc_id, row.tokens, row.prompt_tokens, row.stats, row.finish or "length",
-                                   trace=row.trace))
-        return gens
+    def _finish(self, row: _Row) -> Generation:
+        row.stats.new_tokens = len(row.tokens)
+        return Generation(row.doc_id, row.tokens, row.prompt_tokens, row.stats, row.finish or "length", trace=row.trace)
 
 
 def _trace(row: _Row, i: int, draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,

@@ -5,6 +5,7 @@
     commit(accepted [B], next [B],   the verdict: the first accepted[b] drafts stand, then the token next[b]; for a
            path [B, K] | None)       tree draft, the first accepted[b] drafts in the order path[b]
     select(rows)                     keep only these rows
+    refill(rows, prompts)            these rows start over with new prompts (continuous batching), between iterations
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cmsd.confidence import confidence
-from cmsd.kv import open_state
+from cmsd.kv import open_state, refill_state
 from cmsd.settings import ConfidenceSettings, NgramSettings
 
 Keep = Callable[[torch.Tensor], torch.Tensor]
@@ -72,6 +73,9 @@ class Drafter(ABC):
 
     @abstractmethod
     def select(self, rows: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None: ...
 
 
 class _DraftBuffer:
@@ -163,6 +167,12 @@ class ModelDrafter(Drafter):
         self.state.select(rows)
         self.pending, self.pending_ok = self.pending[rows], self.pending_ok[rows]
         self.fed_drafts, self.tokens = self.fed_drafts[rows], self.tokens[rows]
+
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        first = refill_state(self.state, rows, prompts)
+        index = torch.tensor(rows, device=self.pending.device)
+        self.pending[index, 0], self.pending_ok[index] = first, False
+        self.pending_ok[index, 0] = True
 
 
 class SuffixIndex:
@@ -269,6 +279,10 @@ class NgramDrafter(Drafter):
         keep = rows.tolist()
         self.indexes = [self.indexes[r] for r in keep]
         self.drafts = [self.drafts[r] for r in keep]
+
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        for row, prompt in zip(rows, prompts):
+            self.indexes[row], self.drafts[row] = SuffixIndex(prompt, self.settings), []
 
 
 class NgramTreeDrafter(NgramDrafter):

@@ -7,6 +7,8 @@ Both states below have one interface, so the decode loop and the drafters never 
                                                             its first keep[b]; the rest are rolled back
                                                             (HoleyState: or keep [B, W] bool, the fed slots that stay)
     select(rows [B'])                                       keep only these rows (finished rows leave the batch)
+    refill(rows [R], prompts)                               these rows start over with new prompts (continuous
+                                                            batching: the next document takes a finished row's place)
 
 `HoleyState` (decoder-only models): every row writes into the same cache slots; a rejected or padded slot becomes
 a hole (mask 0) and positions come from per-row counters, so rollback is a mask update plus a crop of the
@@ -14,8 +16,12 @@ slots no row uses. Nothing is recomputed and nothing is copied. It can also be f
 (`feed(..., parents=...)`): each token attends to its row's cache and to its ancestors only, at the row's position
 plus its depth; committing one root-to-leaf path of the tree leaves holes where the other branches were.
 
-`SyncState` (encoder-decoder models, whose decoders place positions by cache index): all rows share one committed
-length T, the shortest row's; tokens a row has beyond T are fed again with its next feed.
+`EncoderHoleyState` (encoder-decoder models whose decoder adds a table of absolute positions: BART, Marian, ...):
+the same over the decoder, each row's positions looked up from its own counter, each row's encoder output its own.
+
+`SyncState` (other encoder-decoder models, e.g. T5, whose decoders place positions by cache index): all rows share
+one committed length T, the shortest row's; tokens a row has beyond T are fed again with its next feed. Its rows
+cannot start over, so its batches drain.
 """
 
 from __future__ import annotations
@@ -68,6 +74,21 @@ class BufferedLayer(DynamicLayer):
         self.length = length
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
+    def shift(self, slots: int) -> None:
+        """Drop the first `slots` slots (slots > 0: no row uses them any more), or open -slots zero slots in front
+        (slots < 0: a new row's prompt is longer than the cache)."""
+        if not self.is_initialized or slots == 0:
+            return
+        start, end = max(slots, 0), self.length - slots
+        if end > self._k.shape[-2]:
+            self._grow(2 * end)
+        for buf in (self._k, self._v):
+            part = buf[:, :, start:self.length].clone()
+            buf[:, :, end - part.shape[-2]:end] = part
+            buf[:, :, :end - part.shape[-2]] = 0
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+
     def _grow(self, capacity: int) -> None:
         for name in ("_k", "_v"):
             old = getattr(self, name)
@@ -113,18 +134,47 @@ class HoleyState:
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, slots]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # [B] next position of each row
         self.fresh = self.mask.bool()  # [B, slots fed since the last commit]
-        width = max(len(p) for p in prompts)
-        if width:  # each prompt prefilled alone (no work on padding), its cache placed left-padded in the batch's
-            valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(prompts):
-                if prompt:
-                    single = buffered_cache(model, len(prompt))
-                    model(input_ids=torch.tensor([prompt], device=device), past_key_values=single, use_cache=True,
-                          logits_to_keep=1)
-                    for layer, part in zip(self.cache.layers, single.layers):
-                        layer.place(row, batch, width, part.keys, part.values)
-                    valid[row, width - len(prompt):] = True
-            self.mask, self.pos = valid.long(), valid.sum(1)
+        self.refill(list(range(batch)), prompts)
+
+    @torch.inference_mode()
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Rows `rows` start over with `prompts` (all of them at construction; later, continuous batching gives a
+        finished row's place to the next document). Each prompt is prefilled alone (no work on padding) and its
+        cache placed in the row's last slots, left-padded; the row's old slots become holes."""
+        assert not self.fresh.shape[1], "refill between iterations (after a commit)"
+        width = max((len(p) for p in prompts), default=0)
+        if width > self.mask.shape[1]:  # a prompt longer than the cache: open holes in front of every row
+            self._shift(self.mask.shape[1] - width)
+        batch, length = self.mask.shape
+        for row, prompt in zip(rows, prompts):
+            self.mask[row], self.pos[row] = 0, len(prompt)
+            if prompt:
+                single = buffered_cache(self.model, len(prompt))
+                self.model(input_ids=torch.tensor([prompt], device=self.mask.device), past_key_values=single,
+                           use_cache=True, logits_to_keep=1)
+                for layer, part in zip(self.cache.layers, single.layers):
+                    layer.place(row, batch, length, part.keys, part.values)
+                self.mask[row, length - len(prompt):] = 1
+        self._trim()
+
+    def _shift(self, slots: int) -> None:
+        """Drop the first `slots` slots, or open -slots hole slots in front."""
+        for layer in self.cache.layers:
+            layer.shift(slots)
+        holes = self.mask.new_zeros(self.mask.shape[0], max(-slots, 0))
+        self.mask = torch.cat([holes, self.mask[:, max(slots, 0):]], 1)
+        self.fresh = self.mask[:, :0].bool()
+
+    def _trim(self) -> None:
+        """Drop the slots no row uses any more: at the end (rolled-back drafts), and in front once they are a quarter
+        of the cache (the prompts of rows that finished; moving the cache costs about one attention pass)."""
+        used = self.mask.any(0).nonzero()
+        first, last = used[[0, -1], 0].tolist() if used.numel() else (0, -1)  # one host sync
+        end = last + 1
+        self.mask = self.mask[:, :end]
+        _crop_to(self.cache, end)
+        if first and 4 * first >= end:
+            self._shift(first)
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,16 +218,81 @@ class HoleyState:
         start = self.mask.shape[1] - fresh.shape[1]
         self.mask[:, start:] = kept.long()
         self.pos = self.pos - (fresh.sum(1) - kept.sum(1))
-        used = self.mask.any(0).nonzero()
-        length = int(used[-1]) + 1 if used.numel() else 0
-        self.mask = self.mask[:, :length]
-        _crop_to(self.cache, length)
         self.fresh = fresh[:, :0]
+        self._trim()
 
     @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         self.mask, self.pos, self.fresh = self.mask[rows], self.pos[rows], self.fresh[rows]
+        if not self.fresh.shape[1]:
+            self._trim()
+
+
+class EncoderHoleyState(HoleyState):
+    """An encoder-decoder whose decoder adds a table of absolute positions (`decoder.embed_positions`, an
+    nn.Embedding: BART, mBART, Marian, Pegasus, Blenderbot): a HoleyState over the decoder, whose positions come
+    from per-row counters. transformers places a decoder's positions by cache index, so while the model runs a hook
+    on the table looks up each row's own positions instead; the decoder starts empty (its first token is the
+    start token) and each row's encoder output is its own, so a row can start over at any time."""
+
+    def __init__(self, model: PreTrainedModel, sources: list[list[int]], capacity: int) -> None:
+        device = model.device
+        self.encoded = torch.zeros(len(sources), 1, model.config.d_model, device=device, dtype=model.dtype)  # [B, S, H]
+        self.enc_mask = torch.zeros(len(sources), 1, dtype=torch.long, device=device)  # [B, S]
+        self.table = position_table(model)
+        super().__init__(model, sources, capacity)
+
+    @torch.inference_mode()
+    def refill(self, rows: list[int], sources: list[list[int]]) -> None:
+        super().refill(rows, [[] for _ in rows])  # the decoder's prompt is the start token, fed next
+        width = max(1, max(len(s) for s in sources))
+        if width > self.encoded.shape[1]:
+            grow = width - self.encoded.shape[1]
+            self.encoded = torch.nn.functional.pad(self.encoded, (0, 0, 0, grow))
+            self.enc_mask = torch.nn.functional.pad(self.enc_mask, (0, grow))
+        encoder = self.model.get_encoder()
+        for row, source in zip(rows, sources):
+            ids = torch.tensor([source or [self.model.config.pad_token_id or 0]], device=self.encoded.device)
+            self.encoded[row] = 0
+            self.encoded[row, :ids.shape[1]] = encoder(input_ids=ids).last_hidden_state[0]
+            self.enc_mask[row] = 0
+            self.enc_mask[row, :len(source)] = 1
+        self.cross = DynamicCache()  # cross-attention keys and values: computed again at the next feed
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
+        if parents is None:
+            positions, mask = self.append_slots(valid), self.mask
+        else:
+            positions, mask = self._tree_slots(valid, parents)
+        table, offset = self.table, getattr(self.table, "offset", 0)
+        table.forward = lambda *args, **kwargs: torch.nn.functional.embedding(positions + offset, table.weight)
+        try:  # the table's own forward would look up slot indices, holes included (and past its end)
+            return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
+                              attention_mask=self.enc_mask, decoder_input_ids=tokens, decoder_attention_mask=mask,
+                              past_key_values=EncoderDecoderCache(self.cache, self.cross), use_cache=True).logits
+        finally:
+            del table.forward
+
+    @torch.inference_mode()
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.encoded, self.enc_mask = self.encoded[rows], self.enc_mask[rows]
+        self.cross.batch_select_indices(rows)
+
+
+# Encoder-decoders whose decoder looks positions up in `embed_positions`, an nn.Embedding, at position + `offset`
+# (its attribute, else 0). Others (T5's relative positions, FSMT's padding-based numbering) decode with SyncState.
+POSITION_TABLES = ("bart", "mbart", "plbart", "marian", "pegasus", "blenderbot", "blenderbot-small")
+
+
+def position_table(model: PreTrainedModel) -> torch.nn.Embedding | None:
+    """The decoder's table of absolute positions, where it has one (see EncoderHoleyState)."""
+    if not model.config.is_encoder_decoder or model.config.model_type not in POSITION_TABLES:
+        return None
+    table = getattr(model.get_decoder(), "embed_positions", None)
+    return table if isinstance(table, torch.nn.Embedding) else None
 
 
 class SyncState:
@@ -255,11 +370,27 @@ def ancestors(parents: torch.Tensor) -> torch.Tensor:
 
 def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> tuple[HoleyState | SyncState,
                                                                                           torch.Tensor]:
-    """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed: the last
-    prompt token (decoder-only; it is verified together with the first draft) or the decoder start token."""
+    """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed
+    (first_tokens)."""
     if model.config.is_encoder_decoder:
-        start = model.config.decoder_start_token_id
-        start = model.config.bos_token_id if start is None else start
-        return SyncState(model, prompts, capacity), torch.full((len(prompts),), start, device=model.device)
-    first = torch.tensor([p[-1] for p in prompts], device=model.device)
-    return HoleyState(model, [p[:-1] for p in prompts], capacity), first
+        kind = EncoderHoleyState if position_table(model) is not None else SyncState
+        return kind(model, prompts, capacity), first_tokens(model, prompts)
+    return HoleyState(model, [p[:-1] for p in prompts], capacity), first_tokens(model, prompts)
+
+
+def refill_state(state: HoleyState | SyncState, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Continuous batching: rows `rows` of a state that open_state made start over with new prompts. Returns the
+    first token each of them feeds (as open_state)."""
+    assert isinstance(state, HoleyState), "a SyncState's rows share one length: its batches drain"
+    state.refill(rows, prompts if state.model.config.is_encoder_decoder else [p[:-1] for p in prompts])
+    return first_tokens(state.model, prompts)
+
+
+def first_tokens(model: PreTrainedModel, prompts: list[list[int]]) -> torch.Tensor:
+    """The first token each row feeds: the last prompt token (decoder-only; it is verified together with the first
+    draft) or the decoder start token."""
+    if not model.config.is_encoder_decoder:
+        return torch.tensor([p[-1] for p in prompts], device=model.device)
+    start = model.config.decoder_start_token_id
+    start = model.config.bos_token_id if start is None else start
+    return torch.full((len(prompts),), start, device=model.device)

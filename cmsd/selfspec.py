@@ -23,7 +23,7 @@ from transformers.masking_utils import create_causal_mask
 
 from cmsd.confidence import confidence
 from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer
-from cmsd.kv import HoleyState
+from cmsd.kv import HoleyState, first_tokens
 from cmsd.settings import ConfidenceSettings
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ class SelfDrafter(Drafter):
 
     def select(self, rows: torch.Tensor) -> None:
         self.pending = self.pending[rows]  # the shared state is selected as the target
+
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        self.pending = self.pending.clone()  # the shared state is refilled as the target
+        self.pending[torch.tensor(rows, device=self.pending.device)] = first_tokens(self.state.model, prompts)
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

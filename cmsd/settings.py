@@ -135,6 +135,9 @@ class DecodeSettings:
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
     batch_size: int = 8
+    continuous: bool = True  # continuous batching: when a row finishes, the next document takes its place at once
+    #                          (false: each batch drains before the next starts; encoder-decoders without a
+    #                          position table, e.g. T5, always drain)
     stop: tuple[str, ...] = ()  # stop strings (text level); EOS always stops
     trace: bool = True  # keep the per-drafted-token trace
     small_rows: int = 8  # on CPU, a linear layer fed n <= this many tokens computes (W @ x.T).T where that was timed
@@ -156,6 +159,7 @@ class DecodeSettings:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(isinstance(self.continuous, bool), f"continuous must be true or false, got {self.continuous!r}")
         _check(self.small_rows >= 0, f"small_rows must be >= 0, got {self.small_rows}")
         _check(self.verify_tokens >= 0, f"verify_tokens must be >= 0, got {self.verify_tokens}")
 

@@ -5,6 +5,7 @@ Rates are computed once, at the end, by `DocStats.rates()` (vLLM's metrics style
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
 # Names of the per-drafted-token trace columns (DESIGN.md, traces/shard-*.parquet).
@@ -16,9 +17,10 @@ TRACE_COLUMNS = ("doc_id", "iteration", "position", "token_id", "c_ent", "c_marg
 class DocStats:
     """Counts for one document (or a sum over many).
 
-    decode_s is the document's share of its batch's decode wall time, in proportion to its new tokens, so
-    that summing decode_s over a batch gives the batch's wall time; latency_s is the wall time from the start of
-    its batch until its last token (a max, not a sum, when aggregated over one batch).
+    decode_s is the document's share of its batch's decode wall time: each iteration's time (its prefill
+    included) split evenly among the rows in it, so that summing decode_s over a decode gives its wall time;
+    latency_s is the wall time from the document joining a batch until its last token (a max, not a sum, when
+    aggregated).
     """
 
     docs: int = 0
@@ -55,3 +57,14 @@ class DocStats:
         out: dict[str, float] = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(self.rates())
         return out
+
+
+def token_agreement(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int, int]:
+    """(matching positions, positions, identical outputs) over (output, reference) token sequences: position i
+    matches when both have a token there and it is the same; positions counts the longer of each pair."""
+    matches = positions = exact = 0
+    for a, b in pairs:
+        matches += sum(x == y for x, y in zip(a, b))
+        positions += max(len(a), len(b))
+        exact += list(a) == list(b)
+    return matches, positions, exact

@@ -22,12 +22,14 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = TINY_VOCAB) -> Llama
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_bart(seed: int = 0, vocab: int = TINY_VOCAB) -> BartForConditionalGeneration:
+def tiny_bart(seed: int = 0, vocab: int = TINY_VOCAB, init_std: float = 0.02,
+              positions: int = 128) -> BartForConditionalGeneration:
+    """init_std 0.02 (BART's) makes a random model's output hardly depend on its input; 0.3 makes it do."""
     torch.manual_seed(seed)
     config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=None,
-                        decoder_start_token_id=2, forced_eos_token_id=None)
+                        max_position_embeddings=positions, pad_token_id=1, bos_token_id=0, eos_token_id=None,
+                        decoder_start_token_id=2, forced_eos_token_id=None, init_std=init_std)
     model = BartForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = None
     return model

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
+from workers.prompts import split_by_length
 from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
 from workers.records import result_table, trace_table
-from workers.store import JobStore, checksum, read_ipc, result_path, shard_path, trace_path
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from workers.store import JobStore, checksum, read_ipc, result_path, shard_path, trace_path, worker_error_path
 
 
 class ShardWorker:
-    """Decodes shards of one job: read the shard, decode it in batches, commit traces then results."""
+    """Decodes shards of one job: read the shard, render and measure its prompts, decode the rows that fit in
+    batches, then commit: the refused rows (errors/shard-NNNNN.worker.jsonl), the traces, the results last."""
 
     def __init__(self, config: WorkerConfig) -> None:
         start = time.perf_counter()
@@ -31,6 +31,11 @@ class ShardWorker:
         self._pair = load_pair(target=config.target, drafter=config.drafter, device=config.device,
                                dtype=config.dtype)
         self._decoder = Decoder(self._pair, config.decode)
+        self._config = config
+        self._ar: Decoder | None = None  # AR on the same target, for a shard's baseline documents
+        self._progress = (-1, 0)  # (shard, documents done) of the shard being decoded
+        self._template = config.prompt
+        self._budget = self._pair.max_context - config.decode.max_new_tokens  # prompt tokens a row may have
         self._store = JobStore(config.job_uri)
         self._info = WorkerInfo(pid=os.getpid(), node_id=_node_id(), device=str(self._pair.device),
                                 load_s=time.perf_counter() - start, weights_mb=_weights_mb(self._pair))
@@ -41,22 +46,77 @@ class ShardWorker:
     def pid(self) -> int:
         return self._info.pid
 
+    def progress(self) -> tuple[int, int]:
+        """(shard, documents finished) of the shard being decoded; answered while run_shard runs (the actor runs
+        two calls at once: max_concurrency=2)."""
+        return self._progress
+
     def run_shard(self, task: ShardTask) -> ShardOutcome:
         from cmsd import DocStats  # already loaded by the constructor
 
         start = time.perf_counter()
+        self._progress = (task.index, 0)  # not the counts of an earlier attempt
         shard = self._read_shard(task)
+        prompts = [self._render(r) for r in shard.select(["source", "src_lang", "tgt_lang"]).to_pylist()]
+        keep, refused = split_by_length(self._pair.tokenizer, prompts, self._budget)
+        self._write_refused(task, shard, refused)  # before the results: the commit accounts for them
+        shard = shard.take(pa.array(keep, pa.int64()))
+        self._progress = (task.index, len(refused))
         t0 = time.perf_counter()
-        generations = self._decoder.generate(shard.column("prompt").to_pylist(), shard.column("id").to_pylist())
+        generations, baseline = self._decode(task, [prompts[i] for i in keep], shard.column("id").to_pylist())
         decode_s = time.perf_counter() - t0
         extra = {"shard": task.index, "attempt": task.attempt, "node_id": self._info.node_id}
-        results = result_table(shard, generations, extra)
+        results = result_table(shard, generations, extra, refused=len(refused), baseline=baseline)
         self._store.write_parquet(trace_path(task.index), trace_table(generations))
         self._store.write_parquet(result_path(task.index), results)  # last: the commit
         total = DocStats.total([g.stats for g in generations])
         return ShardOutcome(index=task.index, rows=results.num_rows, attempt=task.attempt,
                             node_id=self._info.node_id, pid=self._info.pid, decode_s=decode_s,
-                            wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb())
+                            wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb(),
+                            refused=len(refused))
+
+    def _decode(self, task: ShardTask, prompts: list[str], ids: list[str]) -> tuple[list, dict]:
+        """The shard's generations, and AR's generations of its task.baseline documents (spread over the shard,
+        which is sorted by length): those are decoded as a group of their own, by the method and by AR one after
+        the other, in an order that alternates from shard to shard."""
+        picked = spread(len(prompts), task.baseline if self._config.decode.method != "ar" else 0)
+        chosen = set(picked)
+        rest = [i for i in range(len(prompts)) if i not in chosen]
+        generations = self._generate(self._decoder, [prompts[i] for i in rest], [ids[i] for i in rest])
+        if not picked:
+            return generations, {}
+        group = ([prompts[i] for i in picked], [ids[i] for i in picked])
+        order = [self._decoder, self._ar_decoder()][::-1 if task.index % 2 else 1]
+        first, second = (self._generate(decoder, *group) for decoder in order)
+        own, ar = (first, second) if order[0] is self._decoder else (second, first)
+        return generations + own, {g.doc_id: g for g in ar}
+
+    def _generate(self, decoder, prompts: list[str], ids: list[str]) -> list:
+        if not prompts:
+            return []
+        shard = self._progress[0]
+
+        def done(n: int) -> None:
+            self._progress = (shard, self._progress[1] + n)
+
+        return decoder.generate(prompts, ids, progress=done if decoder is self._decoder else None)
+
+    def _ar_decoder(self):
+        if self._ar is None:
+            from cmsd import Decoder, ModelPair
+
+            self._ar = Decoder(ModelPair(self._pair.target, None), self._config.decode.with_(method="ar", trace=False))
+        return self._ar
+
+    def _render(self, row: dict[str, str | None]) -> str:
+        return self._template.render(self._pair.tokenizer, row["source"] or "", row["src_lang"], row["tgt_lang"])
+
+    def _write_refused(self, task: ShardTask, shard: pa.Table, refused: dict[int, str]) -> None:
+        """The rows too long for the model, as error records (row, id, reason) like the driver's."""
+        if refused:
+            rows, ids = shard.column("row").to_pylist(), shard.column("id").to_pylist()
+            self._store.write_jsonl(worker_error_path(task.index),
+                                    [{"row": rows[i], "id": ids[i], "reason": why} for i, why in refused.items()])
 
     def _read_shard(self, task: ShardTask) -> pa.Table:
         data = self._store.read_bytes(shard_path(task.index))
@@ -86,3 +146,9 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them where k >= n)."""
+    k = min(k, n)
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n // 2] if k == 1 else []

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cmsd import DecodeSettings
+    from cmsd import DecodeSettings, PromptTemplate
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class WorkerConfig:
     target: str  # "smollm2", a directory or a hub name
     drafter: str | None  # "ngram", "self", a directory or hub name; None for AR
     decode: DecodeSettings
+    prompt: PromptTemplate  # renders a shard row (source, src_lang, tgt_lang) into the prompt
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 1  # torch intra-op threads (the actor's CPU share)
@@ -34,6 +35,7 @@ class ShardTask:
     rows: int
     checksum: str  # of the shard's Arrow IPC bytes
     attempt: int = 1
+    baseline: int = 0  # of its documents, how many are also decoded with AR (the job's own speedup)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class ShardOutcome:
     """What a worker reports after committing a shard (its numbers are also in the result file)."""
 
     index: int
-    rows: int
+    rows: int  # rows decoded
     attempt: int
     node_id: str
     pid: int
@@ -60,3 +62,4 @@ class ShardOutcome:
     wall_s: float  # the whole call: read, decode, write
     stats: dict[str, float] = field(default_factory=dict)  # the shard's DocStats, summed
     peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far, in MiB
+    refused: int = 0  # rows refused as too long for the model (errors/shard-NNNNN.worker.jsonl)

@@ -1,7 +1,9 @@
 """The job directory on any pyarrow filesystem (a local path or an object-store URI).
 
 Every file is written under a temporary name in its final folder and then renamed (moved): a reader sees
-a whole file or none. A shard is done when its result file exists with the manifest's row count.
+a whole file or none. A shard is done when its result file exists and accounts for the manifest's row count:
+its rows plus the rows the worker refused (too long for the model), which its metadata counts and
+errors/shard-NNNNN.worker.jsonl lists (written before the result file).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"  # files being written; never read as results
+REFUSED_KEY = b"cmsd.refused_rows"  # result file metadata: the shard's rows the worker refused
 
 
 def shard_name(index: int) -> str:
@@ -37,7 +42,13 @@ def trace_path(index: int) -> str:
 
 
 def error_path(index: int) -> str:
+    """The rows the driver refused while preparing the job, in this shard's range of the corpus."""
     return f"errors/{shard_name(index)}.jsonl"
+
+
+def worker_error_path(index: int) -> str:
+    """The shard's rows the worker refused (too long for the model)."""
+    return f"errors/{shard_name(index)}.worker.jsonl"
 
 
 def checksum(data: bytes) -> str:
@@ -77,14 +88,28 @@ class JobStore:
         with self.fs.open_input_stream(self._full(rel)) as stream:
             return stream.read()
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write under a temporary name in the same folder, then rename: all or nothing."""
+    @contextmanager
+    def open_output(self, rel: str) -> Iterator[pa.NativeFile]:
+        """A stream that writes `rel` under a temporary name in the same folder, renamed once the block ends
+        without an error: all or nothing."""
         folder, _, name = rel.rpartition("/")
         self.fs.create_dir(self._full(folder), recursive=True)
         tmp = self._full(f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}" if folder else f"{TMP_PREFIX}{name}")
         with self.fs.open_output_stream(tmp) as stream:
-            stream.write(data)
+            yield stream
         self.fs.move(tmp, self._full(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_output(rel) as stream:
+            stream.write(data)
+
+    def checksum(self, rel: str) -> str:
+        """The checksum of a file's bytes (what `checksum` gives), read in blocks."""
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self._full(rel)) as stream:
+            while block := stream.read(1 << 22):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -106,12 +131,17 @@ class JobStore:
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self._full(rel), columns=columns, filesystem=self.fs)
 
-    def parquet_rows(self, rel: str) -> int | None:
-        """The row count of a committed parquet file, or None when it is not there."""
+    def delete(self, rel: str = "") -> None:
+        """Remove a folder and everything in it (the whole job directory by default)."""
+        self.fs.delete_dir(self._full(rel))
+
+    def result_counts(self, rel: str) -> tuple[int, int] | None:
+        """(rows, rows the worker refused) of a committed result file, or None when it is not there."""
         if not self.exists(rel):
             return None
         with self.fs.open_input_file(self._full(rel)) as handle:
-            return pq.ParquetFile(handle).metadata.num_rows
+            meta = pq.ParquetFile(handle).metadata
+        return meta.num_rows, int((meta.metadata or {}).get(REFUSED_KEY, b"0"))
 
 
 def ipc_bytes(table: pa.Table) -> bytes:

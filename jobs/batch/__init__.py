@@ -1,11 +1,12 @@
 """The job system: a corpus in, a job directory out (DESIGN.md's files), every document exactly once.
 
     spec        JobSpec and its sections, from YAML and --set overrides (checked when built)
-    corpus      reading a corpus in any format (JSONL, CSV/TSV, Parquet, Arrow, `datasets`, text)
-    rows        each row checked and rendered into a prompt; a bad row becomes an error record
-    shards      deterministic shard plans and the Arrow shard files
+    corpus      reading a corpus in any format as a stream of bounded batches (JSONL, CSV/TSV, Parquet, Arrow,
+                `datasets`, text, hub)
+    rows        each row checked as the corpus streams by; a bad row becomes an error record
+    shards      deterministic shards, each written as soon as it is complete
     models      the models checked before anything is written (config and tokenizer only)
-    prepare     all checks, then the job directory: spec.yaml, manifest.json, shards/, errors/
+    prepare     the up-front checks, then the job directory: shards/, errors/, spec.yaml, manifest.json last
     manifest    manifest.json: shards, their state, the code that ran them
     driver      Ray: actors decode the shards, a dead worker's shard goes to another, results are committed once
     reducer     summary.json from the shards' results: quality (BLEU/chrF, ROUGE), speed, acceptance

@@ -1,15 +1,22 @@
 """Corpus readers: JSON Lines, CSV/TSV, Parquet, Arrow, a `datasets` directory, aligned text files, a hub name.
 
-Each reader gives the same thing: the corpus's field names and, for the fields a job needs, one value per row
-(whatever type the file holds; rows are checked later, one by one). A corpus that cannot be read at all, or
-that lacks a field the spec names, is a BadInput naming the file and the field.
+Every format is read as a stream of batches of at most `batch_rows` rows (pyarrow's streaming readers, JSON Lines
+in byte blocks), so that what a reader holds is a few batches, whatever the corpus's size. Each batch gives, for
+the fields a job needs, one value per row (whatever type the file holds; rows are checked later, one by one); a
+JSON line that cannot be parsed is a broken row with its line number, not a failure of the whole read. A corpus
+that cannot be opened, or that lacks a field the spec names, is a BadInput naming the file and the field; so is
+one that fails part way (a CSV row pyarrow cannot parse, aligned text files of different lengths).
+
+The field names are those of the file's schema, or, for JSON Lines and hub datasets, those of the first batch.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -27,40 +34,82 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "cs
             ".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".txt": "text"}
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LANG_FIELDS = ("src_lang", "tgt_lang")  # per-row languages for translation, when the corpus has them
+BATCH_ROWS = 4096  # the most rows one batch holds
+BLOCK_BYTES = 1 << 22  # JSON Lines and text files are read this many bytes at a time
 
 
 @dataclass(frozen=True)
-class RawColumns:
-    """What a reader found: every field name, and the values of the wanted fields."""
+class Rows:
+    """Consecutive rows of a corpus, field by field: corpus rows start, start + 1, ..., start + size - 1."""
 
-    fields: tuple[str, ...]
-    values: dict[str, list[Any]]
-    size: int
-    broken: dict[int, str] = field(default_factory=dict)  # row -> why it could not be parsed
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """The rows of a corpus, field by field, with the field names resolved."""
-
-    origin: str
-    spec: CorpusSpec  # with reference_field and id_field resolved (None: the corpus has none)
+    start: int
     sources: list[Any]
-    references: list[Any] | None
-    ids: list[Any] | None
+    references: list[Any] | None  # None: the corpus has no reference field
+    ids: list[Any] | None  # None: the corpus has no id field
     langs: dict[str, list[Any]]  # src_lang / tgt_lang columns when present
-    broken: dict[int, str]
+    broken: dict[int, str]  # corpus row -> why it could not be parsed
 
     @property
     def size(self) -> int:
         return len(self.sources)
 
 
-def read_corpus(spec: CorpusSpec) -> Corpus:
+@dataclass(frozen=True)
+class Corpus(Rows):
+    """A whole corpus in memory (a small one: evaluations, calibration, distillation)."""
+
+    origin: str
+    spec: CorpusSpec  # with reference_field and id_field resolved
+
+
+@dataclass(frozen=True)
+class CorpusStream:
+    """An open corpus: its fields, resolved, and its rows batch by batch (read once, in corpus order)."""
+
+    spec: CorpusSpec  # with reference_field and id_field resolved (None: the corpus has none)
+    format: str
+    fields: tuple[str, ...]
+    batches: Iterator[Rows]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What a format's reader yields: field names, the wanted fields' values, rows that could not be parsed."""
+
+    fields: tuple[str, ...]
+    values: dict[str, list[Any]]
+    size: int
+    broken: dict[int, str] = field(default_factory=dict)  # row within the batch -> reason
+
+
+def open_corpus(spec: CorpusSpec, batch_rows: int | None = None) -> CorpusStream:
+    """Open the corpus and read its first batch (a corpus that cannot be read fails here, as a BadInput).
+
+    batch_rows: the most rows a batch holds (BATCH_ROWS by default)."""
     fmt = detect_format(spec)
     wanted = {spec.source_field, spec.reference_field or "reference", spec.id_field or "id", *LANG_FIELDS}
-    raw = READERS[fmt](spec, wanted)
-    return _resolve(spec, raw)
+    raw = READERS[fmt](spec, wanted, batch_rows or BATCH_ROWS)
+    first = next(raw, None)
+    fields = first.fields if first else ()
+    resolved = _resolve(spec, fields)
+    batches = itertools.chain([first], raw) if first else iter(())
+    return CorpusStream(spec=resolved, format=fmt, fields=fields, batches=_rows(resolved, fields, batches))
+
+
+def read_corpus(spec: CorpusSpec) -> Corpus:
+    """The whole corpus (up to spec.limit rows) in memory, as one Rows."""
+    stream = open_corpus(spec)
+    parts = list(stream.batches)
+
+    def joined(name: str, present: bool = True) -> list[Any] | None:
+        return [v for p in parts for v in getattr(p, name)] if present else None
+
+    resolved = stream.spec
+    return Corpus(start=0, sources=joined("sources") or [],
+                  references=joined("references", resolved.reference_field is not None),
+                  ids=joined("ids", resolved.id_field is not None),
+                  langs={k: [v for p in parts for v in p.langs[k]] for k in LANG_FIELDS if k in stream.fields},
+                  broken={row: why for p in parts for row, why in p.broken.items()}, origin=spec.path, spec=resolved)
 
 
 def detect_format(spec: CorpusSpec) -> str:
@@ -79,134 +128,199 @@ def detect_format(spec: CorpusSpec) -> str:
                    f"(one of {', '.join(sorted(set(SUFFIXES.values()) | {'datasets', 'hub'}))})")
 
 
-def _resolve(spec: CorpusSpec, raw: RawColumns) -> Corpus:
+def _resolve(spec: CorpusSpec, fields: tuple[str, ...]) -> CorpusSpec:
     def pick(explicit: str | None, default: str, flag: str) -> str | None:
-        if explicit is not None and explicit not in raw.fields:
-            raise BadInput(f"corpus {spec.path}: no field {explicit!r} (fields: {', '.join(raw.fields)}); "
-                           f"set {flag}")
-        return explicit or (default if default in raw.fields else None)
+        if explicit is not None and explicit not in fields:
+            raise BadInput(f"corpus {spec.path}: no field {explicit!r} (fields: {', '.join(fields)}); set {flag}")
+        return explicit or (default if default in fields else None)
 
-    source = pick(spec.source_field, spec.source_field, "--source-field")
-    reference = pick(spec.reference_field, "reference", "--reference-field")
-    id_field = pick(spec.id_field, "id", "--id-field")
-    resolved = replace(spec, reference_field=reference, id_field=id_field)
-    assert source is not None
-    return Corpus(origin=spec.path, spec=resolved, sources=raw.values[source],
-                  references=raw.values[reference] if reference else None,
-                  ids=raw.values[id_field] if id_field else None,
-                  langs={k: raw.values[k] for k in LANG_FIELDS if k in raw.values}, broken=raw.broken)
+    pick(spec.source_field, spec.source_field, "--source-field")
+    return replace(spec, reference_field=pick(spec.reference_field, "reference", "--reference-field"),
+                   id_field=pick(spec.id_field, "id", "--id-field"))
 
 
-def _read_bytes(path: str) -> bytes:
+def _rows(spec: CorpusSpec, fields: tuple[str, ...], batches: Iterator[_Batch]) -> Iterator[Rows]:
+    """Rows numbered from 0 across batches, cut at spec.limit; per-row languages where `fields` has them."""
+    start = 0
+    for batch in batches:
+        size = batch.size if spec.limit is None else min(batch.size, spec.limit - start)
+
+        def column(name: str | None) -> list[Any] | None:
+            return None if name is None else batch.values.get(name, [None] * batch.size)[:size]
+
+        yield Rows(start=start, sources=column(spec.source_field) or [], references=column(spec.reference_field),
+                   ids=column(spec.id_field), langs={k: column(k) or [] for k in LANG_FIELDS if k in fields},
+                   broken={start + i: why for i, why in batch.broken.items() if i < size})
+        start += size
+        if spec.limit is not None and start >= spec.limit:
+            return
+
+
+@contextmanager
+def _input(path: str, random_access: bool = False) -> Iterator[Any]:
+    """A pyarrow input stream (or file) over a local path or URI; OSError becomes BadInput."""
     try:
         fs, inner = pafs.FileSystem.from_uri(normalize_uri(path))
-        with fs.open_input_stream(inner) as stream:
-            return stream.read()
+        handle = fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)
     except (OSError, pa.ArrowInvalid) as err:
         raise BadInput(f"cannot read corpus file {path}: {err}") from err
+    with handle:
+        yield handle
 
 
-def _from_table(spec: CorpusSpec, table: pa.Table, wanted: set[str]) -> RawColumns:
-    if spec.limit is not None:
-        table = table.slice(0, spec.limit)
-    names = tuple(table.column_names)
-    values = {name: table.column(name).to_pylist() for name in wanted if name in names}
-    return RawColumns(fields=names, values=values, size=table.num_rows)
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every line of a file, read in blocks of BLOCK_BYTES."""
+    number, rest = 0, b""
+    with _input(path) as stream:
+        while block := stream.read(BLOCK_BYTES):
+            *complete, rest = (rest + block).split(b"\n")
+            for line in complete:
+                number += 1
+                yield number, line.decode("utf-8", errors="replace").rstrip("\r")
+    if rest:
+        yield number + 1, rest.decode("utf-8", errors="replace").rstrip("\r")
 
 
-def read_jsonl(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
-    lines = _read_bytes(spec.path).decode("utf-8", errors="replace").splitlines()
-    lines = [line for line in lines if line.strip()][: spec.limit]
-    seen: dict[str, None] = {}
-    values: dict[str, list[Any]] = {name: [] for name in wanted}
-    broken: dict[int, str] = {}
-    for row, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            record, broken[row] = {}, f"line {row + 1} is not valid JSON: {err.msg}"
-        if not isinstance(record, dict):
-            record, broken[row] = {}, broken.get(row, f"line {row + 1} is not a JSON object")
-        seen.update(dict.fromkeys(record))
-        for name in wanted:
-            values[name].append(record.get(name))
-    if lines and len(broken) == len(lines):
-        raise BadInput(f"corpus {spec.path}: no line is a JSON object (first: {broken[0]})")
-    return RawColumns(fields=tuple(seen), values=values, size=len(lines), broken=broken)
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
-def _read_delimited(spec: CorpusSpec, wanted: set[str], delimiter: str) -> RawColumns:
+def read_jsonl(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    """One JSON object a line (blank lines skipped); a bad line is a broken row naming its line number."""
+    lines = ((n, text) for n, text in _lines(spec.path) if text.strip())
+    for index, chunk in enumerate(_chunks(lines, batch_rows)):
+        seen: dict[str, None] = {}
+        values: dict[str, list[Any]] = {name: [] for name in wanted}
+        broken: dict[int, str] = {}
+        for row, (number, text) in enumerate(chunk):
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                record, broken[row] = {}, f"line {number} is not valid JSON: {err.msg}"
+            if not isinstance(record, dict):
+                record, broken[row] = {}, broken.get(row, f"line {number} is not a JSON object")
+            seen.update(dict.fromkeys(record))
+            for name in wanted:
+                values[name].append(record.get(name))
+        if index == 0 and len(broken) == len(chunk):
+            raise BadInput(f"corpus {spec.path}: no line is a JSON object ({len(chunk)} read; first: {broken[0]})")
+        yield _Batch(fields=tuple(seen), values=values, size=len(chunk), broken=broken)
+
+
+def _arrow_batches(spec: CorpusSpec, parts: Iterable[pa.RecordBatch | pa.Table], wanted: set[str],
+                   batch_rows: int) -> Iterator[_Batch]:
+    """Record batches (or tables) of any size, cut into batches of at most batch_rows rows."""
+    try:
+        for part in parts:
+            for offset in range(0, part.num_rows, batch_rows):
+                piece = part.slice(offset, batch_rows)
+                names = tuple(piece.schema.names)
+                values = {name: piece.column(name).to_pylist() for name in wanted if name in names}
+                yield _Batch(fields=names, values=values, size=piece.num_rows)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise BadInput(f"cannot read corpus {spec.path}: {err}") from err
+
+
+def _read_delimited(spec: CorpusSpec, wanted: set[str], batch_rows: int, delimiter: str) -> Iterator[_Batch]:
+    """Every column read as text (a CSV has no types); only the wanted columns are parsed."""
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False)
-    convert = pacsv.ConvertOptions(strings_can_be_null=False, quoted_strings_can_be_null=False)
-    try:
-        table = pacsv.read_csv(io.BytesIO(_read_bytes(spec.path)), parse_options=parse, convert_options=convert)
-    except pa.ArrowInvalid as err:
-        raise BadInput(f"cannot parse corpus {spec.path}: {err}") from err
-    return _from_table(spec, table, wanted)
 
-
-def read_csv(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
-    return _read_delimited(spec, wanted, ",")
-
-
-def read_tsv(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
-    return _read_delimited(spec, wanted, "\t")
-
-
-def read_parquet(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
-    try:
-        table = pq.read_table(pa.py_buffer(_read_bytes(spec.path)))
-    except pa.ArrowInvalid as err:
-        raise BadInput(f"cannot read Parquet corpus {spec.path}: {err}") from err
-    return _from_table(spec, table, wanted)
-
-
-def read_arrow(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
-    """An Arrow IPC file, or an IPC stream (what `datasets` writes)."""
-    buffer = pa.py_buffer(_read_bytes(spec.path))
-    try:
-        table = pa.ipc.open_file(buffer).read_all()
-    except pa.ArrowInvalid:
+    def reader(stream: Any, columns: list[str] | None) -> pacsv.CSVStreamingReader:
+        convert = pacsv.ConvertOptions(strings_can_be_null=False, quoted_strings_can_be_null=False,
+                                       include_columns=columns, column_types=dict.fromkeys(columns or [], pa.string()))
         try:
-            table = pa.ipc.open_stream(buffer).read_all()
+            return pacsv.open_csv(stream, parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as err:
-            raise BadInput(f"corpus {spec.path} is neither an Arrow IPC file nor stream: {err}") from err
-    return _from_table(spec, table, wanted)
+            raise BadInput(f"cannot parse corpus {spec.path}: {err}") from err
+
+    with _input(spec.path) as stream:
+        names = reader(stream, None).schema.names  # the header
+    with _input(spec.path) as stream:
+        batches = reader(stream, [n for n in names if n in wanted])
+        for batch in _arrow_batches(spec, batches, wanted, batch_rows):
+            yield replace(batch, fields=tuple(names))
 
 
-def read_text(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
+def read_csv(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    return _read_delimited(spec, wanted, batch_rows, ",")
+
+
+def read_tsv(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    return _read_delimited(spec, wanted, batch_rows, "\t")
+
+
+def read_parquet(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    with _input(spec.path, random_access=True) as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except pa.ArrowInvalid as err:
+            raise BadInput(f"cannot read Parquet corpus {spec.path}: {err}") from err
+        columns = [n for n in parquet.schema_arrow.names if n in wanted]
+        yield from _arrow_batches(spec, parquet.iter_batches(batch_size=batch_rows, columns=columns), wanted,
+                                  batch_rows)
+
+
+def read_arrow(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    """An Arrow IPC file, or an IPC stream (what `datasets` writes)."""
+    with _input(spec.path, random_access=True) as handle:
+        try:
+            reader = pa.ipc.open_file(handle)
+            parts: Iterable[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            handle.seek(0)
+            try:
+                parts = pa.ipc.open_stream(handle)
+            except pa.ArrowInvalid as err:
+                raise BadInput(f"corpus {spec.path} is neither an Arrow IPC file nor stream: {err}") from err
+        yield from _arrow_batches(spec, parts, wanted, batch_rows)
+
+
+def read_text(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
     """Aligned plain text: line i of the source file and line i of the reference file are one row."""
-    sources = _read_bytes(spec.path).decode("utf-8", errors="replace").splitlines()[: spec.limit]
-    values: dict[str, list[Any]] = {spec.source_field: sources}
-    if spec.reference_path:
-        references = _read_bytes(spec.reference_path).decode("utf-8", errors="replace").splitlines()
-        if spec.limit is None and len(references) != len(sources):
-            raise BadInput(f"aligned text corpus: {spec.path} has {len(sources)} lines but "
-                           f"{spec.reference_path} has {len(references)}")
-        values[spec.reference_field or "reference"] = references[: len(sources)]
-    return RawColumns(fields=tuple(values), values=values, size=len(sources))
+    ref_name = spec.reference_field or "reference"
+    fields = (spec.source_field, ref_name) if spec.reference_path else (spec.source_field,)
+    sources = (text for _, text in _lines(spec.path))
+    pairs: Iterable[tuple[str | None, ...]] = (
+        itertools.zip_longest(sources, (text for _, text in _lines(spec.reference_path)))
+        if spec.reference_path else ((s,) for s in sources))
+    for index, chunk in enumerate(_chunks(pairs, batch_rows)):
+        uneven = next((i for i, pair in enumerate(chunk) if None in pair), None)
+        if uneven is not None:
+            paths = (spec.path, spec.reference_path)
+            longer, shorter = paths if chunk[uneven][1] is None else paths[::-1]
+            raise BadInput(f"aligned text corpus: {longer} has a line {index * batch_rows + uneven + 1} but "
+                           f"{shorter} has {index * batch_rows + uneven} lines")
+        yield _Batch(fields=fields, values={name: [p[i] for p in chunk] for i, name in enumerate(fields)},
+                     size=len(chunk))
 
 
-def read_datasets_dir(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
+def read_datasets_dir(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    """A directory written by `datasets` (save_to_disk): its Arrow files, memory-mapped, batch by batch."""
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(Path(spec.path).expanduser()))
+        loaded = _pick_split(spec, datasets.load_from_disk(str(Path(spec.path).expanduser())))
     except (OSError, ValueError) as err:
         raise BadInput(f"cannot load `datasets` directory {spec.path}: {err}") from err
-    return _from_table(spec, _pick_split(spec, loaded).data.table, wanted)
+    loaded = loaded.select_columns([n for n in loaded.column_names if n in wanted])
+    yield from _arrow_batches(spec, loaded.with_format("arrow").iter(batch_size=batch_rows), wanted, batch_rows)
 
 
-def read_hub(spec: CorpusSpec, wanted: set[str]) -> RawColumns:
+def read_hub(spec: CorpusSpec, wanted: set[str], batch_rows: int) -> Iterator[_Batch]:
+    """A hub dataset, streamed (`datasets` streaming: nothing downloaded up front)."""
     import datasets
 
     try:
-        loaded = datasets.load_dataset(spec.path, split=spec.split)
+        loaded = datasets.load_dataset(spec.path, split=spec.split, streaming=True)
+        for part in loaded.iter(batch_size=batch_rows):
+            values = {name: part[name] for name in wanted if name in part}
+            yield _Batch(fields=tuple(part), values=values, size=len(next(iter(part.values()), [])))
     except (OSError, ValueError) as err:  # ConnectionError (offline) is an OSError
         raise BadInput(f"cannot load hub dataset {spec.path!r} (split {spec.split!r}): {err}. "
                        "Offline (HF_DATASETS_OFFLINE=1), only datasets in the local cache can be used; "
                        "a local file or directory works everywhere.") from err
-    return _from_table(spec, loaded.data.table, wanted)
 
 
 def _pick_split(spec: CorpusSpec, loaded: Any) -> Any:
@@ -218,7 +332,7 @@ def _pick_split(spec: CorpusSpec, loaded: Any) -> Any:
     return loaded[spec.split]
 
 
-READERS: dict[str, Callable[[CorpusSpec, set[str]], RawColumns]] = {
+READERS: dict[str, Callable[[CorpusSpec, set[str], int], Iterator[_Batch]]] = {
     "jsonl": read_jsonl, "csv": read_csv, "tsv": read_tsv, "parquet": read_parquet, "arrow": read_arrow,
     "text": read_text, "datasets": read_datasets_dir, "hub": read_hub,
 }

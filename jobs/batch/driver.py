@@ -25,6 +25,7 @@ from workers import ShardWorker
 from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
 
 ACTOR_DEATHS = (RayActorError, OutOfMemoryError, WorkerCrashedError)
+PROGRESS_EVERY_S = 2.0  # how often the driver asks decoding actors for their documents done
 # Passed to the workers of a cluster when the user has them set (a local Ray inherits the environment).
 PASSTHROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "CMSD_CACHE")
 
@@ -37,6 +38,8 @@ class Observer(Protocol):
     def shard_started(self, task: ShardTask, worker: WorkerInfo) -> None: ...
 
     def shard_finished(self, outcome: ShardOutcome) -> None: ...
+
+    def shard_progress(self, task: ShardTask, docs: int) -> None: ...
 
     def shard_failed(self, task: ShardTask, error: str, retry: bool) -> None: ...
 
@@ -88,13 +91,31 @@ class Scheduler:
         try:
             while self._queue or self._shards_running():
                 self._dispatch()
-                ready, _ = ray.wait(list(self._calls), num_returns=1)
-                self._settle(ready[0], *self._calls.pop(ready[0]))
+                ready, _ = ray.wait(list(self._calls), num_returns=1, timeout=PROGRESS_EVERY_S)
+                if ready:
+                    self._settle(ready[0], *self._calls.pop(ready[0]))
+                else:
+                    self._poll_progress()
         finally:
             for worker in self._idle + [w for w, _ in self._calls.values()]:
                 ray.kill(worker.handle)
         self.report.wall_s = time.perf_counter() - self._start
         return self.report
+
+    def _poll_progress(self) -> None:
+        """Ask every actor decoding a shard how many of its documents are done (an actor answers while it decodes);
+        an actor that does not answer in time, or died, is skipped (its shard's call tells)."""
+        asked = {w.handle.progress.remote(): task for w, task in self._calls.values() if task is not None}
+        if not asked:
+            return
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=PROGRESS_EVERY_S)
+        for ref in ready:
+            try:
+                shard, docs = ray.get(ref)
+            except ACTOR_DEATHS + (RayTaskError,):
+                continue
+            if shard == asked[ref].index:
+                self.observer.shard_progress(asked[ref], docs)
 
     def _shards_running(self) -> bool:
         return any(task is not None for _, task in self._calls.values())
@@ -191,11 +212,11 @@ def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
                         f"{have.get('CPU', 0)} CPU and {have.get('GPU', 0)} GPU: lower execution.cpus_per_actor "
                         "or execution.gpus_per_actor")
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
-                          decode=spec.decode, device=spec.models.device, dtype=spec.models.dtype,
-                          threads=max(1, int(execution.cpus_per_actor)))
+                          decode=spec.decode, prompt=spec.template(), device=spec.models.device,
+                          dtype=spec.models.dtype, threads=max(1, int(execution.cpus_per_actor)))
     actor_class = ray.remote(ShardWorker)
     options = {"num_cpus": execution.cpus_per_actor, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
-               "max_restarts": 0, "max_task_retries": 0}
+               "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}  # progress() answers mid-shard
     numbers = itertools.count()
     return lambda: actor_class.options(name=actor_name(spec, next(numbers)), **options).remote(config)
 

@@ -1,4 +1,5 @@
-"""A job's life: submit (check, create, run, reduce, report), resume, status. The CLI calls these."""
+"""A job's life: create (check, write the job directory), submit (create, run, reduce, report), resume, status.
+The CLI calls these."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import yaml
 
 from jobs.batch.driver import Observer, run_shards
 from jobs.errors import BadInput, JobFailed
-from jobs.batch.manifest import SPEC, SUMMARY, Manifest, is_done, load_manifest, unfinished
+from jobs.batch.manifest import SPEC, SUMMARY, Manifest, done_counts, load_manifest, unfinished
 from jobs.batch.prepare import create_job, prepare
 from jobs.batch.progress import make_progress
 from jobs.batch.reducer import reduce_job
 from jobs.batch.report import write_report
 from jobs.batch.spec import JobSpec, apply_overrides
-from workers.store import JobStore, error_path
+from workers.store import JobStore, error_path, worker_error_path
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,17 @@ class JobResult:
     report: str  # report.md
 
 
-def submit(spec: JobSpec, observer: Observer | None = None, stream: TextIO = sys.stderr) -> JobResult:
-    prepared = prepare(spec)  # every check; nothing written yet
-    store, manifest = create_job(prepared)
+def create(spec: JobSpec, stream: TextIO = sys.stderr) -> tuple[JobStore, JobSpec, Manifest]:
+    """Check the job and write its directory (spec, manifest, shards, errors); `resume` runs it."""
+    store, spec, manifest = create_job(prepare(spec))
     print(f"job {manifest.job_id}: {manifest.rows} documents in {len(manifest.shards)} shards, "
           f"{manifest.corpus['bad']} rows refused -> {store.uri}", file=stream, flush=True)
-    return execute(store, prepared.spec, manifest, observer, stream)
+    return store, spec, manifest
+
+
+def submit(spec: JobSpec, observer: Observer | None = None, stream: TextIO = sys.stderr) -> JobResult:
+    store, spec, manifest = create(spec, stream)
+    return execute(store, spec, manifest, observer, stream)
 
 
 def load_job(job_dir: str, overrides: dict[str, Any] | None = None) -> tuple[JobStore, JobSpec, Manifest]:
@@ -60,7 +66,9 @@ def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observ
     if todo:
         progress = make_progress(len(todo), sum(e.rows for e in todo), stream) if observer is None else None
         try:
-            report = run_shards(spec, store.uri, [e.task() for e in todo], observer or progress)
+            plan = baseline_plan(spec, manifest)
+            tasks = [e.task(baseline=plan.get(e.index, 0)) for e in todo]
+            report = run_shards(spec, store.uri, tasks, observer or progress)
         except KeyboardInterrupt:
             print(f"interrupted: finish the job with `cmsd-jobs resume {store.uri}`", file=stream, flush=True)
             raise
@@ -76,6 +84,24 @@ def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observ
     return JobResult(uri=store.uri, summary=summary, report=write_report(store, manifest, summary))
 
 
+def baseline_plan(spec: JobSpec, manifest: Manifest) -> dict[int, int]:
+    """Shard -> how many of its documents are also decoded with AR: execution.baseline documents in groups of
+    decode.batch_size (so the comparison runs at the job's batch size), the groups spread evenly over the shards.
+    The same for a job and its resumption; none for AR itself."""
+    wanted = spec.execution.baseline if spec.decode.method != "ar" else 0
+    shards = manifest.shards
+    if not wanted or not shards:
+        return {}
+    group = min(spec.decode.batch_size, wanted)
+    groups = -(-wanted // group)
+    plan: dict[int, int] = {}
+    for g in range(groups):
+        entry = shards[g * len(shards) // groups]
+        size = min(group, wanted - g * group)
+        plan[entry.index] = min(entry.rows, plan.get(entry.index, 0) + size)
+    return plan
+
+
 def report_only(job_dir: str) -> JobResult:
     """Rewrite summary.json (when missing) and the report of a finished job."""
     store, spec, manifest = load_job(job_dir)
@@ -84,12 +110,16 @@ def report_only(job_dir: str) -> JobResult:
 
 
 def status(job_dir: str) -> dict[str, Any]:
+    """Shards and rows done; rows refused by the driver and, in the shards done, by the workers."""
     store, spec, manifest = load_job(job_dir)
-    done = [e for e in manifest.shards if is_done(store, e)]
+    counts = {e.index: done_counts(store, e) for e in manifest.shards}
+    done = [e for e in manifest.shards if counts[e.index]]
+    by_workers = {i: c[1] for i, c in counts.items() if c}
     return {"job": store.uri, "job_id": manifest.job_id, "method": spec.decode.method,
             "shards_done": len(done), "shards": len(manifest.shards),
             "rows_done": sum(e.rows for e in done), "rows": manifest.rows,
-            "rows_refused": sum(e.errors for e in manifest.shards),
-            "error_files": [error_path(e.index) for e in manifest.shards if e.errors],
-            "unfinished": [e.index for e in manifest.shards if e not in done],
+            "rows_refused": sum(e.errors for e in manifest.shards) + sum(by_workers.values()),
+            "error_files": [error_path(e.index) for e in manifest.shards if e.errors]
+            + [worker_error_path(i) for i, n in by_workers.items() if n],
+            "unfinished": [i for i, c in counts.items() if not c],
             "summary": store.exists(SUMMARY), "state": "done" if len(done) == len(manifest.shards) else "unfinished"}

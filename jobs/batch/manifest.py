@@ -1,7 +1,8 @@
 """manifest.json: the job's shards (path, rows, checksum), its corpus, and model and code versions.
 
 It is written last when a job is created, so a directory with a manifest is a whole job. A shard is done when
-its result file exists with the row count the manifest gives.
+its result file exists and accounts for the row count the manifest gives (its rows plus those the worker
+refused as too long for the model).
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from workers.store import JobStore
 MANIFEST = "manifest.json"
 SPEC = "spec.yaml"
 SUMMARY = "summary.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards cover corpus ranges (start, stop); workers render prompts and refuse long ones
 
 
 @dataclass(frozen=True)
 class ShardEntry:
     index: int
     path: str  # shards/shard-00000.arrow
-    rows: int  # good rows in the shard = rows its result file must have
+    rows: int  # good rows in the shard = rows its result file has + rows the worker refused
     checksum: str  # sha256 of the shard file's bytes
-    errors: int  # refused rows written to errors/shard-00000.jsonl
+    errors: int  # rows refused by the driver, written to errors/shard-00000.jsonl
     result: str  # results/shard-00000.parquet
+    start: int  # the corpus rows this shard covers (its rows and its errors): start <= row < stop
+    stop: int
 
-    def task(self, attempt: int = 1) -> ShardTask:
-        return ShardTask(index=self.index, rows=self.rows, checksum=self.checksum, attempt=attempt)
+    def task(self, attempt: int = 1, baseline: int = 0) -> ShardTask:
+        return ShardTask(index=self.index, rows=self.rows, checksum=self.checksum, attempt=attempt,
+                         baseline=baseline)
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,22 @@ def load_manifest(store: JobStore) -> Manifest:
     if not store.exists(MANIFEST):
         raise BadInput(f"{store.uri} is not a job directory (no {MANIFEST})")
     try:
-        return Manifest.from_dict(store.read_json(MANIFEST))
-    except (ValueError, TypeError, KeyError) as err:
+        data = store.read_json(MANIFEST)
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {data.get('format')}, this version reads {FORMAT_VERSION}")
+        return Manifest.from_dict(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise BadInput(f"{store.uri}/{MANIFEST} is not a manifest this version can read: {err}") from err
 
 
+def done_counts(store: JobStore, entry: ShardEntry) -> tuple[int, int] | None:
+    """(rows decoded, rows the worker refused) of a done shard; None when the shard is not done."""
+    counts = store.result_counts(entry.result)
+    return counts if counts is not None and sum(counts) == entry.rows else None
+
+
 def is_done(store: JobStore, entry: ShardEntry) -> bool:
-    return store.parquet_rows(entry.result) == entry.rows
+    return done_counts(store, entry) is not None
 
 
 def unfinished(store: JobStore, manifest: Manifest) -> list[ShardEntry]:

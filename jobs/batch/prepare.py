@@ -1,7 +1,11 @@
-"""Creating a job: check everything first (spec, corpus, models, rows), then write the job directory.
+"""Creating a job: check what can be checked up front (spec, prompt, models, that the corpus opens and has its
+fields), then stream the corpus into the job directory.
 
-`prepare` reads and checks but writes nothing; any problem is a BadInput (exit code 2). `create_job` writes
-spec.yaml, the shards and errors files, and manifest.json last.
+`prepare` reads the corpus's first batch only and writes nothing; any problem is a BadInput (exit code 2).
+`create_job` reads the corpus once (twice when execution.shards is set: a first pass counts the good rows),
+checking every row and writing each shard and its errors file as it fills, then spec.yaml and manifest.json
+last. A BadInput found part way (a corpus with no decodable row, a CSV row pyarrow cannot parse) removes the
+job directory it had begun, so that bad input still leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,21 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.batch.corpus import Corpus, detect_format, read_corpus
+from jobs.batch.corpus import open_corpus
 from jobs.errors import BadInput
 from jobs.batch.manifest import MANIFEST, SPEC, Manifest, ShardEntry, code_versions
 from jobs.batch.models import check_models
-from jobs.batch.rows import check_rows
-from jobs.batch.shards import ShardPlan, plan_shards, shard_count, write_shards
+from jobs.batch.rows import GoodRow, checked_rows
+from jobs.batch.shards import ShardWriter, shard_sizes
 from jobs.batch.spec import JobSpec
 from workers.store import JobStore, normalize_uri
 
 
 @dataclass(frozen=True)
 class PreparedJob:
-    spec: JobSpec  # resolved: corpus fields, drafter (None for AR), shard count, job id
-    plans: list[ShardPlan]
-    corpus: dict[str, Any]  # path, format, rows, good, bad (for the manifest)
+    spec: JobSpec  # resolved: corpus fields, drafter (None for AR), job id
+    format: str  # the corpus's format
     models: dict[str, Any]  # model versions (for the manifest)
 
     @property
@@ -36,55 +39,58 @@ class PreparedJob:
 
 
 def prepare(spec: JobSpec) -> PreparedJob:
-    """Read the corpus, check the models and every row, plan the shards. Writes nothing."""
-    from cmsd import PromptTemplate
-
+    """Check the prompt, the models and the corpus's first batch and fields. Writes nothing."""
     if spec.decode.method == "ar":
         spec = spec.with_("models", drafter=None)  # AR decodes with the target alone
-    try:
-        template = PromptTemplate(task=spec.task.name, template=spec.prompt.template, chat=spec.prompt.chat,
-                                  system=spec.prompt.system)
-    except ValueError as err:
-        raise BadInput(f"prompt: {err}") from err
-    corpus = read_corpus(spec.corpus)
+    template = spec.template()
+    stream = open_corpus(spec.corpus)
     checked = check_models(spec.models, spec.decode)
-    tokenizer = checked.tokenizer
-
-    def render(source: str, src_lang: str | None, tgt_lang: str | None) -> str:
-        return template.render(tokenizer, source, src_lang, tgt_lang)
-
-    def count(prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-
-    budget = checked.max_context - spec.decode.max_new_tokens
-    good, bad = check_rows(corpus, render, count, budget, (spec.task.src_lang, spec.task.tgt_lang))
-    if not good:
-        first = f"; first: row {bad[0].row}: {bad[0].reason}" if bad else ""
-        raise BadInput(f"corpus {spec.corpus.path}: no row can be decoded ({len(bad)} refused{first})")
-    n_shards = shard_count(len(good), spec.execution)
-    spec = spec.with_("execution", shards=n_shards).with_("output", job_id=spec.output.job_id or _job_id(spec))
-    spec = _with_corpus_fields(spec, corpus)
-    info = {"path": spec.corpus.path, "format": detect_format(spec.corpus), "rows": corpus.size,
-            "good": len(good), "bad": len(bad)}
-    return PreparedJob(spec=spec, plans=plan_shards(good, bad, n_shards), corpus=info, models=checked.versions)
+    try:  # a template naming a field it does not have fails here, not in every worker
+        template.render(checked.tokenizer, "text", spec.task.src_lang, spec.task.tgt_lang)
+    except (KeyError, IndexError, ValueError) as err:
+        raise BadInput(f"prompt: template {spec.prompt.template!r} cannot be rendered: {err!r}") from err
+    spec = spec.with_("corpus", reference_field=stream.spec.reference_field, id_field=stream.spec.id_field)
+    spec = spec.with_("output", job_id=spec.output.job_id or _job_id(spec))
+    return PreparedJob(spec=spec, format=stream.format, models=checked.versions)
 
 
-def create_job(prepared: PreparedJob) -> tuple[JobStore, Manifest]:
-    """Write the job directory: spec.yaml, shards/, errors/, and manifest.json last."""
+def create_job(prepared: PreparedJob) -> tuple[JobStore, JobSpec, Manifest]:
+    """Write the job directory: shards/ and errors/ as the corpus streams by, spec.yaml, manifest.json last."""
     store = JobStore(prepared.job_uri)
     if store.exists(MANIFEST):
         raise BadInput(f"job directory {store.uri} already holds a job: use `cmsd-jobs resume {store.uri}`")
-    store.write_bytes(SPEC, prepared.spec.to_yaml().encode())
-    entries = write_shards(store, prepared.plans)
-    manifest = Manifest(job_id=prepared.spec.output.job_id or "", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        corpus=prepared.corpus, shards=tuple(ShardEntry(**e) for e in entries),
+    fresh = not store.exists()
+    try:
+        writer = _write_shards(store, prepared.spec)
+    except BadInput:
+        if fresh and store.exists():
+            store.delete()
+        raise
+    spec = prepared.spec.with_("execution", shards=len(writer.entries))
+    store.write_bytes(SPEC, spec.to_yaml().encode())
+    corpus = {"path": spec.corpus.path, "format": prepared.format, "rows": writer.rows_read, "good": writer.good,
+              "bad": writer.bad}
+    manifest = Manifest(job_id=spec.output.job_id or "", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        corpus=corpus, shards=tuple(ShardEntry(**e) for e in writer.entries),
                         models=prepared.models, code=code_versions())
     store.write_json(MANIFEST, manifest.to_dict())
-    return store, manifest
+    return store, spec, manifest
 
 
-def _with_corpus_fields(spec: JobSpec, corpus: Corpus) -> JobSpec:
-    return spec.with_("corpus", reference_field=corpus.spec.reference_field, id_field=corpus.spec.id_field)
+def _write_shards(store: JobStore, spec: JobSpec) -> ShardWriter:
+    langs = (spec.task.src_lang, spec.task.tgt_lang)
+
+    def count() -> int:  # the counting pass, when execution.shards asks for nearly equal shards
+        return sum(isinstance(row, GoodRow) for row in checked_rows(spec.corpus, langs))
+
+    sizes, rows = shard_sizes(spec.execution, checked_rows(spec.corpus, langs), count)
+    writer = ShardWriter(store, sizes)
+    writer.add_all(rows)
+    writer.finish()
+    if not writer.entries:
+        first = f"; first: row {writer.first_bad.row}: {writer.first_bad.reason}" if writer.first_bad else ""
+        raise BadInput(f"corpus {spec.corpus.path}: no row can be decoded ({writer.bad} refused{first})")
+    return writer
 
 
 def _job_id(spec: JobSpec) -> str:

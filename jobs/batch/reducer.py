@@ -1,13 +1,19 @@
 """The reducer: check that every good row is in exactly one result file, then write summary.json.
 
-Numbers follow DESIGN.md's table: the per-document DocStats counts are summed (per shard, per job) and the
-rates are computed once from the sums. agreement_with_ar and speedup_vs_ar need an AR run over the same
-documents (the nightly eval does that); a single job leaves them null.
+It reads one shard's results at a time, so that its memory follows the shard size, not the job's: each
+shard is checked against its own input (its result rows and the rows its worker refused are the shard's rows,
+each once; none is also in the driver's errors), shards cover disjoint corpus ranges (the manifest's start and
+stop, which every shard row lies in), and the shard's numbers are added up. Numbers follow DESIGN.md's table:
+the per-document DocStats counts are summed (per shard, per job) and the rates are computed once from the
+sums; quality scores come from summed sufficient statistics (jobs.batch.quality). agreement_with_ar and
+speedup_vs_ar come from the job's baseline documents, which the workers also decoded with AR (execution.baseline):
+AR's decode seconds over the method's on those documents (as `cmsd-jobs eval` computes it), and the matching
+token positions over all positions; null where there are none (--baseline 0, or --method ar).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import pyarrow as pa
@@ -15,62 +21,119 @@ import pyarrow.compute as pc
 
 from cmsd.stats import DocStats
 from jobs.errors import JobFailed
-from jobs.batch.manifest import SUMMARY, Manifest
-from jobs.batch.quality import quality
+from jobs.batch.manifest import SUMMARY, Manifest, ShardEntry, done_counts
+from jobs.batch.quality import QualityStats, quality_stats
 from jobs.batch.spec import JobSpec
-from workers.store import JobStore, error_path, read_ipc
+from workers.records import BASELINE_COLUMNS
+from workers.store import JobStore, error_path, read_ipc, worker_error_path
 
 COUNTS = tuple(f.name for f in fields(DocStats))
+RESULT_COLUMNS = ["row", "hypothesis", "reference", "node_id", "attempt", *COUNTS, *BASELINE_COLUMNS]  # read
 
 
-def numbers(table: pa.Table, task: str) -> dict[str, Any]:
-    """Summed counts, rates from the sums, and quality scores, for any set of result rows."""
+@dataclass(frozen=True)
+class Baseline:
+    """Sums over the documents that were also decoded with AR."""
+
+    docs: int = 0
+    own_s: float = 0.0  # the method's decode seconds on them
+    own_tokens: int = 0
+    ar_s: float = 0.0  # AR's
+    ar_tokens: int = 0
+    matches: int = 0  # token positions where the method's output equals AR's
+    positions: int = 0
+
+    @classmethod
+    def of(cls, table: pa.Table) -> Baseline:
+        rows = table.filter(pc.is_valid(table.column("ar_decode_s")))
+        total = {name: pc.sum(rows.column(column)).as_py() or 0 for name, column in (
+            ("own_s", "decode_s"), ("own_tokens", "new_tokens"), ("ar_s", "ar_decode_s"),
+            ("ar_tokens", "ar_new_tokens"), ("matches", "ar_matches"), ("positions", "ar_positions"))}
+        return cls(docs=rows.num_rows, **total)
+
+    def __add__(self, other: Baseline) -> Baseline:
+        return Baseline(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def numbers(self) -> dict[str, Any]:
+        return {"speedup_vs_ar": self.ar_s / self.own_s if self.docs and self.own_s > 0 else None,
+                "agreement_with_ar": self.matches / self.positions if self.positions else None}
+
+    def summary(self) -> dict[str, Any]:
+        return {"docs": self.docs, **self.numbers(),
+                "tokens_per_s": self.own_tokens / self.own_s if self.own_s > 0 else None,
+                "ar_tokens_per_s": self.ar_tokens / self.ar_s if self.ar_s > 0 else None}
+
+
+def numbers(stats: DocStats, quality: QualityStats, baseline: Baseline = Baseline()) -> dict[str, Any]:
+    """Summed counts, rates from the sums, quality scores, and the comparison with AR, for any set of result rows."""
+    return {**stats.to_dict(), **quality.scores(), **baseline.numbers()}
+
+
+def table_stats(table: pa.Table, task: str) -> tuple[DocStats, QualityStats]:
+    """The summed counts and the quality statistics of some result rows."""
     sums = {name: pc.sum(table.column(name)).as_py() or 0 for name in COUNTS}
-    out: dict[str, Any] = DocStats(**sums).to_dict()
-    out.update(quality(task, table.column("hypothesis").to_pylist(), table.column("reference").to_pylist()))
-    out.update(agreement_with_ar=None, speedup_vs_ar=None)
-    return out
+    hyps, refs = table.column("hypothesis").to_pylist(), table.column("reference").to_pylist()
+    return DocStats(**sums), quality_stats(task, hyps, refs)
 
 
-def read_results(store: JobStore, manifest: Manifest) -> list[pa.Table]:
-    missing = [e.result for e in manifest.shards if store.parquet_rows(e.result) != e.rows]
-    if missing:
-        raise JobFailed(f"{len(missing)} shard(s) not done ({', '.join(missing[:3])}...): run `cmsd-jobs resume`")
-    return [store.read_parquet(e.result) for e in manifest.shards]
+def check_shard(store: JobStore, entry: ShardEntry, results: pa.Table, refused: int) -> None:
+    """The shard's rows are its result rows and its worker-refused rows, each once, all in the shard's range;
+    none of them is also refused by the driver."""
+    expected = sorted(read_ipc(store.read_bytes(entry.path)).column("row").to_pylist())
+    refusals = worker_error_path(entry.index)
+    by_worker = [r["row"] for r in store.read_jsonl(refusals)] if refused and store.exists(refusals) else []
+    got = sorted(results.column("row").to_pylist() + by_worker)
+    if got != expected:
+        lost, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        raise JobFailed(f"{entry.result} does not match {entry.path}: rows missing {lost[:5]}, unexpected "
+                        f"{extra[:5]}, {results.num_rows} rows and {len(by_worker)} refused for {len(expected)}")
+    outside = [row for row in expected[:1] + expected[-1:] if not entry.start <= row < entry.stop]
+    if outside:
+        raise JobFailed(f"{entry.path}: row {outside[0]} outside the shard's range {entry.start}..{entry.stop - 1}")
+    if entry.errors:
+        also = set(expected) & {r["row"] for r in store.read_jsonl(error_path(entry.index))}
+        if also:
+            raise JobFailed(f"row {min(also)} is in {entry.path} and also in {error_path(entry.index)}")
 
 
-def check_integrity(store: JobStore, manifest: Manifest, results: list[pa.Table]) -> None:
-    """Every good row of every shard is in its result file, once; no row is in two files or refused too."""
-    seen: dict[int, int] = {}
-    refused = {r["row"] for e in manifest.shards if e.errors for r in store.read_jsonl(error_path(e.index))}
-    for entry, table in zip(manifest.shards, results):
-        expected = sorted(read_ipc(store.read_bytes(entry.path)).column("row").to_pylist())
-        got = sorted(table.column("row").to_pylist())
-        if got != expected:
-            lost, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-            raise JobFailed(f"{entry.result} does not match {entry.path}: rows missing {lost[:5]}, "
-                            f"unexpected {extra[:5]}, {len(got)} rows for {len(expected)}")
-        for row in got:
-            if row in seen or row in refused:
-                where = f"shard {seen[row]}" if row in seen else "errors"
-                raise JobFailed(f"row {row} is in {entry.result} and also in {where}")
-            seen[row] = entry.index
+def check_ranges(manifest: Manifest) -> None:
+    """Shards cover disjoint corpus ranges, in order: no row can be in two shards."""
+    for before, after in zip(manifest.shards, manifest.shards[1:]):
+        if after.start < before.stop:
+            raise JobFailed(f"shards {before.index} and {after.index} overlap: rows {after.start}..{before.stop - 1}")
 
 
 def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str, Any] | None) -> dict[str, Any]:
     """Check the results and write summary.json; `run` is the last driver run's report, if any."""
-    results = read_results(store, manifest)
-    check_integrity(store, manifest, results)
-    task, overall = spec.task.name, numbers(pa.concat_tables(results), spec.task.name)
-    per_shard = [{"shard": e.index, "rows": t.num_rows, "nodes": sorted(set(t.column("node_id").to_pylist())),
-                  "attempt": max(t.column("attempt").to_pylist()), **numbers(t, task)}
-                 for e, t in zip(manifest.shards, results)]
+    counts = [done_counts(store, e) for e in manifest.shards]
+    missing = [e.result for e, c in zip(manifest.shards, counts) if c is None]
+    if missing:
+        raise JobFailed(f"{len(missing)} shard(s) not done ({', '.join(missing[:3])}...): run `cmsd-jobs resume`")
+    check_ranges(manifest)
+    task, stats, quality, baseline, per_shard = spec.task.name, DocStats(), QualityStats(), Baseline(), []
+    for entry, (_, refused) in zip(manifest.shards, counts):  # type: ignore[misc]
+        table = store.read_parquet(entry.result, RESULT_COLUMNS)
+        check_shard(store, entry, table, refused)
+        shard_stats, shard_quality = table_stats(table, task)
+        shard_baseline = Baseline.of(table)
+        stats, quality, baseline = stats + shard_stats, quality + shard_quality, baseline + shard_baseline
+        per_shard.append({"shard": entry.index, "rows": table.num_rows, "refused": refused,
+                          "nodes": sorted(set(table.column("node_id").to_pylist())),
+                          "attempt": pc.max(table.column("attempt")).as_py(),
+                          **numbers(shard_stats, shard_quality, shard_baseline)})
+    if not stats.docs:
+        refused = sum(e.errors for e in manifest.shards) + sum(s["refused"] for s in per_shard)
+        raise JobFailed(f"no document could be decoded: all {refused} rows were refused (errors/ says why, e.g. "
+                        "prompts too long for the model with decode.max_new_tokens added)")
+    overall = numbers(stats, quality, baseline)
     summary = {
         "job_id": manifest.job_id, "task": task, "method": spec.decode.method, "verify": spec.decode.verify,
         "target": spec.models.target, "drafter": spec.models.drafter, "corpus": manifest.corpus,
-        "docs": sum(t.num_rows for t in results), "errors": sum(e.errors for e in manifest.shards),
+        "docs": sum(s["rows"] for s in per_shard),
+        "errors": sum(e.errors for e in manifest.shards) + sum(s["refused"] for s in per_shard),
         "shards": len(manifest.shards), "nodes": sorted({n for s in per_shard for n in s["nodes"]}),
-        "overall": overall, "per_method": {spec.decode.method: overall}, "per_shard": per_shard,
+        "overall": overall, "baseline": baseline.summary(), "per_method": {spec.decode.method: overall},
+        "per_shard": per_shard,
         "run": _run_numbers(run, overall),
     }
     store.write_json(SUMMARY, summary)

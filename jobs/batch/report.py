@@ -1,13 +1,15 @@
 """report.md and report.html from summary.json and the traces, with plots/*.png (matplotlib, Agg).
 
 Plots: throughput per shard; the histogram of draft lengths k_j (one count per draft-verify iteration);
-drafter confidence C against the empirical acceptance rate, in bins of C.
+drafter confidence C against the empirical acceptance rate, in bins of C. The traces are counted one shard at
+a time (TraceCounts), never read whole.
 """
 
 from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ TABLE_ROWS = ("docs", "new_tokens", "decode_s", "tokens_per_s", "target_calls", 
               "acceptance_rate", "mean_k", "rollback_rate", "bleu", "chrf", "rouge1", "rouge2", "rougeL",
               "agreement_with_ar", "speedup_vs_ar")
 SHARD_COLUMNS = ("shard", "rows", "tokens_per_s", "tokens_per_call", "acceptance_rate", "mean_k", "attempt")
+TRACE_READ = ["doc_id", "iteration", "k_j", "c", "accepted"]  # the trace columns the plots need
 
 
 def _pyplot() -> Any:
@@ -40,11 +43,38 @@ def _save(store: JobStore, rel: str, figure: Any) -> str:
     return rel
 
 
-def read_traces(store: JobStore, manifest: Manifest) -> pa.Table:
-    columns = ["doc_id", "iteration", "k_j", "c", "accepted"]
-    parts = [store.read_parquet(trace_path(e.index), columns) for e in manifest.shards
-             if store.exists(trace_path(e.index))]
-    return pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+@dataclass(frozen=True)
+class TraceCounts:
+    """What the plots need from the traces, counted shard by shard (a job's traces are never all in memory)."""
+
+    k: np.ndarray  # [k_max + 1] draft-verify iterations per draft length k_j
+    drafted: np.ndarray  # [CONF_BINS] drafted tokens per bin of confidence C
+    accepted: np.ndarray  # [CONF_BINS] of which accepted
+
+    def __add__(self, other: TraceCounts) -> TraceCounts:
+        size = max(len(self.k), len(other.k))
+        k = np.pad(self.k, (0, size - len(self.k))) + np.pad(other.k, (0, size - len(other.k)))
+        return TraceCounts(k, self.drafted + other.drafted, self.accepted + other.accepted)
+
+
+def count_traces(traces: pa.Table) -> TraceCounts:
+    """The counts of one shard's traces (doc ids are unique within a shard, so iterations group there)."""
+    if not traces.num_rows:
+        return TraceCounts(np.zeros(0, np.int64), np.zeros(CONF_BINS), np.zeros(CONF_BINS))
+    per_iteration = traces.group_by(["doc_id", "iteration"]).aggregate([("k_j", "max")]).column("k_j_max")
+    c = np.clip(traces.column("c").to_numpy(zero_copy_only=False), 0.0, 1.0)
+    accepted = traces.column("accepted").to_numpy(zero_copy_only=False).astype(float)
+    bins = np.minimum((c * CONF_BINS).astype(int), CONF_BINS - 1)
+    return TraceCounts(np.bincount(per_iteration.to_numpy()), np.bincount(bins, minlength=CONF_BINS).astype(float),
+                       np.bincount(bins, weights=accepted, minlength=CONF_BINS))
+
+
+def read_trace_counts(store: JobStore, manifest: Manifest) -> TraceCounts:
+    total = count_traces(pa.table({}))
+    for entry in manifest.shards:
+        if store.exists(trace_path(entry.index)):
+            total = total + count_traces(store.read_parquet(trace_path(entry.index), TRACE_READ))
+    return total
 
 
 def plot_throughput(store: JobStore, summary: dict[str, Any]) -> str:
@@ -55,35 +85,26 @@ def plot_throughput(store: JobStore, summary: dict[str, Any]) -> str:
     return _save(store, "plots/throughput.png", figure)
 
 
-def plot_k_histogram(store: JobStore, traces: pa.Table) -> str:
-    per_iteration = traces.group_by(["doc_id", "iteration"]).aggregate([("k_j", "max")]) if traces.num_rows else None
+def plot_k_histogram(store: JobStore, counts: TraceCounts) -> str:
     figure, ax = _pyplot().subplots(figsize=(6, 3))
-    if per_iteration is not None and per_iteration.num_rows:
-        k = per_iteration.column("k_j_max").to_numpy()
-        ax.hist(k, bins=np.arange(k.min(), k.max() + 2) - 0.5, color="tab:green", rwidth=0.9)
+    drafted_k = np.flatnonzero(counts.k)
+    if len(drafted_k):
+        k = np.arange(drafted_k.min(), drafted_k.max() + 1)
+        ax.bar(k, counts.k[k], width=0.9, color="tab:green")
     else:
         ax.text(0.5, 0.5, "nothing drafted", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="draft length k_j", ylabel="iterations", title="Draft lengths")
     return _save(store, "plots/k_histogram.png", figure)
 
 
-def calibration(traces: pa.Table) -> list[tuple[float, float, int]]:
+def calibration(counts: TraceCounts) -> list[tuple[float, float, int]]:
     """(bin centre, empirical acceptance, drafted tokens) per confidence bin that has tokens."""
-    if not traces.num_rows:
-        return []
-    c = np.clip(traces.column("c").to_numpy(zero_copy_only=False), 0.0, 1.0)
-    accepted = traces.column("accepted").to_numpy(zero_copy_only=False).astype(float)
-    bins = np.minimum((c * CONF_BINS).astype(int), CONF_BINS - 1)
-    out = []
-    for b in range(CONF_BINS):
-        mask = bins == b
-        if mask.any():
-            out.append(((b + 0.5) / CONF_BINS, float(accepted[mask].mean()), int(mask.sum())))
-    return out
+    return [((b + 0.5) / CONF_BINS, float(counts.accepted[b] / counts.drafted[b]), int(counts.drafted[b]))
+            for b in range(CONF_BINS) if counts.drafted[b]]
 
 
-def plot_calibration(store: JobStore, traces: pa.Table) -> str:
-    points = calibration(traces)
+def plot_calibration(store: JobStore, counts: TraceCounts) -> str:
+    points = calibration(counts)
     figure, ax = _pyplot().subplots(figsize=(4.5, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     if points:
@@ -140,13 +161,23 @@ def render_html(summary: dict[str, Any], plots: list[str]) -> str:
 def _headline(summary: dict[str, Any]) -> str:
     return (f"{summary['task']} with {summary['method']} ({summary['verify']} verification), target "
             f"{summary['target']}, drafter {summary['drafter']}: {summary['docs']} documents in "
-            f"{summary['shards']} shards on {len(summary['nodes'])} node(s), {summary['errors']} rows refused.")
+            f"{summary['shards']} shards on {len(summary['nodes'])} node(s), {summary['errors']} rows refused."
+            + _against_ar(summary.get("baseline")))
+
+
+def _against_ar(baseline: dict[str, Any] | None) -> str:
+    """What speedup_vs_ar and agreement_with_ar were measured on."""
+    if not baseline or not baseline.get("docs"):
+        return " No document was also decoded with AR (execution.baseline 0, or the method is AR): no speedup_vs_ar."
+    return (f" Against AR on {baseline['docs']} of its documents, decoded also with AR on the same actors: "
+            f"{_fmt(baseline['speedup_vs_ar'])}x ({_fmt(baseline['tokens_per_s'])} against "
+            f"{_fmt(baseline['ar_tokens_per_s'])} tokens/s), agreement {_fmt(baseline['agreement_with_ar'])}.")
 
 
 def write_report(store: JobStore, manifest: Manifest, summary: dict[str, Any]) -> str:
     """Write plots, report.md and report.html; return the report.md location."""
-    traces = read_traces(store, manifest)
-    plots = [plot_throughput(store, summary), plot_k_histogram(store, traces), plot_calibration(store, traces)]
+    counts = read_trace_counts(store, manifest)
+    plots = [plot_throughput(store, summary), plot_k_histogram(store, counts), plot_calibration(store, counts)]
     store.write_bytes("report.md", render_markdown(summary, plots).encode())
     store.write_bytes("report.html", render_html(summary, plots).encode())
     return f"{store.uri}/report.md"

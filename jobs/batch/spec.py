@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from cmsd.prompts import PromptTemplate
 from cmsd.settings import DecodeSettings
 from jobs.errors import BadInput
 
@@ -81,6 +82,8 @@ class ExecutionSpec:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has a GPU, else 0
     retries: int = 2  # attempts after the first, per shard, when an actor dies or a shard fails
     num_cpus: int | None = None  # local Ray only: CPUs it may use (None: all)
+    baseline: int = 8  # documents also decoded with AR, on the same actors, for the job's own speedup_vs_ar and
+    #                    agreement_with_ar (spread over the shards in groups of batch_size); 0: none
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, f"execution.actors must be >= 1, got {self.actors}")
@@ -91,6 +94,7 @@ class ExecutionSpec:
                f"execution.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         _check(self.retries >= 0, f"execution.retries must be >= 0, got {self.retries}")
         _check(self.num_cpus is None or self.num_cpus >= 1, f"execution.num_cpus must be >= 1, got {self.num_cpus}")
+        _check(self.baseline >= 0, f"execution.baseline must be >= 0, got {self.baseline}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,14 @@ class JobSpec:
 
     def with_(self, section: str, **changes: Any) -> JobSpec:
         return replace(self, **{section: replace(getattr(self, section), **changes)})
+
+    def template(self) -> PromptTemplate:
+        """The prompt template of the task and prompt sections (the workers render each row with it)."""
+        try:
+            return PromptTemplate(task=self.task.name, template=self.prompt.template, chat=self.prompt.chat,
+                                  system=self.prompt.system)
+        except ValueError as err:
+            raise BadInput(f"prompt: {err}") from err
 
 
 def _section(name: str, kind: type, data: Any) -> Any:

@@ -30,7 +30,7 @@ FLAG_FIELDS = {
     "actors": "execution.actors", "address": "execution.address", "batch_size": "decode.batch_size",
     "max_new_tokens": "decode.max_new_tokens", "temperature": "decode.temperature", "seed": "decode.seed",
     "limit": "corpus.limit", "source_field": "corpus.source_field", "reference_field": "corpus.reference_field",
-    "id_field": "corpus.id_field", "job_id": "output.job_id",
+    "id_field": "corpus.id_field", "job_id": "output.job_id", "baseline": "execution.baseline",
 }
 
 
@@ -90,6 +90,8 @@ def main() -> None:
 @click.option("--address", metavar="ADDR", help="Join a Ray cluster: auto or ray://host:10001 "
               "(default: start a local Ray).")
 @click.option("--batch-size", type=int, help="Documents decoded together by one actor.")
+@click.option("--baseline", type=int, metavar="N", help="Also decode N documents with AR on the same actors, for "
+              "the job's own speedup_vs_ar and agreement_with_ar; 0: none [default: 8].")
 @click.option("--max-new-tokens", type=int, help="Tokens generated per document, at most.")
 @click.option("--temperature", type=float, help="0 = greedy.")
 @click.option("--seed", type=int, help="Sampling seed.")
@@ -99,14 +101,18 @@ def main() -> None:
 @click.option("--id-field", metavar="NAME", help="Field with the document id [default: id, if any, else row-N].")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Set any spec field, e.g. --set decode.control.k_max=12 (repeatable; values are YAML).")
-def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], **flags: Any) -> None:
+@click.option("--prepare-only", is_flag=True, help="Write the job directory (spec, manifest, shards, errors) and "
+              "stop; `cmsd-jobs resume JOB_DIR` runs it.")
+def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prepare_only: bool,
+           **flags: Any) -> None:
     """Check a job, write its directory, run it on Ray, and write summary.json and the report.
 
     The job is SPEC_FILE (YAML: corpus, task, prompt, models, decode, execution, output) with the flags
-    applied on top. Everything is checked before anything is written. The last line printed is the job
-    directory.
+    applied on top. The spec, the models and the corpus's fields are checked before anything is written; the
+    corpus is then read once, as a stream, and its shards written as they fill (a bad row is recorded in
+    errors/ and the job goes on). The last line printed is the job directory.
     """
-    from jobs.batch.lifecycle import submit as submit_job
+    from jobs.batch.lifecycle import create, submit as submit_job
     from jobs.batch.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
 
     if demo and spec_file:
@@ -117,8 +123,13 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], **fl
     if str(overrides.get("models.drafter", "")).lower() == "none":
         overrides["models.drafter"] = None  # AR: the target alone
     overrides.update(parse_assignment(text) for text in assignments)
-    result = submit_job(JobSpec.from_dict(apply_overrides(data, overrides)))
-    _finish(result)
+    spec = JobSpec.from_dict(apply_overrides(data, overrides))
+    if prepare_only:
+        store, _, _ = create(spec)
+        click.echo(f"prepared; run it with: cmsd-jobs resume {store.uri}")
+        click.echo(store.uri)
+        return
+    _finish(submit_job(spec))
 
 
 @main.command()

@@ -13,7 +13,8 @@ from typing import Any
 from jobs.batch.corpus import read_corpus
 from jobs.errors import BadInput
 from jobs.eval.suite import Suite, SuiteCorpus
-from jobs.batch.rows import BadRow, GoodRow, check_rows
+from jobs.batch.rows import BadRow, PromptRow, check_rows
+from workers.prompts import prompt_ids as encode  # the ids cmsd's Decoder.generate makes (distill uses it too)
 
 SLACK_ROWS = 16  # rows read beyond those needed, to replace refused ones
 
@@ -40,12 +41,6 @@ class DocSet:
         return out
 
 
-def encode(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's token ids as cmsd's Decoder.generate makes them (no second BOS after a chat template's)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
-
-
 def prepare_docs(suite: Suite, tokenizer: Any, max_context: int) -> DocSet:
     """Read every corpus, check its rows, and split the good ones into test and validation documents."""
     test: list[Doc] = []
@@ -69,7 +64,7 @@ def prepare_docs(suite: Suite, tokenizer: Any, max_context: int) -> DocSet:
     return DocSet(tuple(test), tuple(validation), tuple(notes))
 
 
-def _good_rows(corpus: SuiteCorpus, tokenizer: Any, budget: int, wanted: int) -> tuple[list[GoodRow], list[BadRow]]:
+def _good_rows(corpus: SuiteCorpus, tokenizer: Any, budget: int, wanted: int) -> tuple[list[PromptRow], list[BadRow]]:
     from cmsd import PromptTemplate
 
     try:
@@ -88,6 +83,6 @@ def _good_rows(corpus: SuiteCorpus, tokenizer: Any, budget: int, wanted: int) ->
     return check_rows(table, render, count, budget, (corpus.src_lang, corpus.tgt_lang))
 
 
-def _doc(corpus: SuiteCorpus, tokenizer: Any, row: GoodRow) -> Doc:
+def _doc(corpus: SuiteCorpus, tokenizer: Any, row: PromptRow) -> Doc:
     return Doc(corpus=corpus.name, task=corpus.task, id=f"{corpus.name}/{row.id}",
                prompt_ids=tuple(encode(tokenizer, row.prompt)), reference=row.reference)

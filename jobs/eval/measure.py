@@ -2,9 +2,11 @@
 
 Protocol (one process holds the models; loading is not timed):
   1. each runner decodes a few tokens of the first document once, untimed (first-call costs; refusals show)
-  2. batch 1: for each document, every runner decodes it in turn; the order rotates by one per document
-  3. batch B (the suite's batch_size): the same over groups of B documents, for runners that batch, in
-     execution.batched_rounds rounds (each runner keeps its fastest time per group)
+  2. batch 1 (unless the suite says single: false): for each document, every runner decodes it in turn; the
+     order rotates by one per document
+  3. batch B (the suite's batch_size): the same over groups of B documents (batch_docs: groups of more, B rows
+     at a time), for runners that batch, in execution.batched_rounds rounds (each runner keeps its fastest time
+     per group)
   4. sweep: AR and every grid point, alternating the same way, on the validation documents
   In each pass, units disturbed by a burst of other work are timed again (RoundRobin).
 With execution.actors > 1 (on Ray), each actor does all of this on its share of the documents.
@@ -75,9 +77,9 @@ def measure(suite: Suite, test: tuple[Doc, ...], validation: tuple[Doc, ...], lo
     runners, skipped = build_runners(suite, pair)
     runners = warm_up(runners, list(test[0].prompt_ids), skipped, log)
     ex = suite.execution
-    passes = [(runners, chunks(test, 1), "batch-1", 1)]
+    passes = [(runners, chunks(test, 1), "batch-1", 1)] if suite.single else []
     if suite.batch_size > 1:
-        passes.append(([r for r in runners if r.info.batched], chunks(test, suite.batch_size),
+        passes.append(([r for r in runners if r.info.batched], chunks(test, suite.batch_docs or suite.batch_size),
                        f"batch-{suite.batch_size}", ex.batched_rounds))
     sweep = sweep_runners(suite, pair) if suite.sweep and validation else []
     if sweep:
@@ -140,7 +142,7 @@ def build_runners(suite: Suite, pair: Any) -> tuple[list[Runner], dict[str, str]
             drafters[m.drafter] = load_drafter(pair.target, m.drafter)
         own = pair if m.drafter is None else ModelPair(pair.target, drafters[m.drafter])
         own = ModelPair(pair.target, "self") if m.settings.method == "specbound" else own
-        runner = CmsdRunner(m.name, own, m.settings, batched=m.batch, limit=m.limit)
+        runner = CmsdRunner(m.name, own, m.settings, batched=m.batch, limit=m.limit, batch_size=suite.batch_size)
         runner.optional = m.optional
         runners.append(runner)
     for peer in suite.peers:

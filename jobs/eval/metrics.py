@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cmsd.stats import DocStats
+from cmsd.stats import DocStats, token_agreement
 from jobs.eval.docs import DocSet
 from jobs.eval.measure import Measurements
 from jobs.eval.runners import ALL_RATES, Output, RunnerInfo
@@ -71,16 +71,7 @@ def speed_numbers(outs: list[Output], baseline: dict[str, Output], reference: di
 
 def agreement(outs: list[Output], reference: dict[str, Output]) -> tuple[int, int, int]:
     """(matching positions, positions, identical documents) against the reference outputs."""
-    matches = positions = exact = 0
-    for o in outs:
-        ref = reference.get(o.doc_id)
-        if ref is None:
-            continue
-        a, b = o.token_ids, ref.token_ids
-        matches += sum(x == y for x, y in zip(a, b))
-        positions += max(len(a), len(b))
-        exact += a == b
-    return matches, positions, exact
+    return token_agreement((o.token_ids, reference[o.doc_id].token_ids) for o in outs if o.doc_id in reference)
 
 
 def quality_numbers(task: str, outs: list[Output], references: dict[str, str | None]) -> dict[str, Any]:

@@ -39,8 +39,14 @@ def plot_pareto(points: list[SweepPoint], chosen: SweepPoint | None, speed: str,
     if speed == "speedup_vs_ar":
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":", label="AR")
     ax.set(xlabel=speed, ylabel=quality, title="Sweep: speed against quality (validation documents)")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(figure, folder, "pareto.png")
+
+
+def _legend(ax: Any, **options: Any) -> None:
+    """A legend where something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
 
 
 def plot_calibration(calibrations: list[Calibration], folder: Path) -> str:
@@ -52,7 +58,7 @@ def plot_calibration(calibrations: list[Calibration], folder: Path) -> str:
             ax.plot([b.confidence for b in c.bins], [b.acceptance for b in c.bins], marker="o", markersize=3,
                     label=f"{c.method} (ECE {c.ece:.3f})")
         ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel=f"drafter confidence {metric}", title=metric)
-        ax.legend(fontsize=6)
+        _legend(ax, fontsize=6)
     axes[0].set_ylabel("empirical acceptance")
     return _save(figure, folder, "calibration.png")
 
@@ -72,16 +78,19 @@ def plot_k_histogram(outputs: list[Output], folder: Path, setting: str = "batch-
     if not ks:
         ax.text(0.5, 0.5, "nothing drafted", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="draft length k_j", ylabel="iterations", title=f"Draft lengths ({setting})")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(figure, folder, "k_histogram.png")
 
 
 def plot_trend(history: list[dict[str, Any]], metric: str, folder: Path) -> str:
-    """`metric` (scope all, batch 1) of each method over the runs of this suite, oldest first."""
+    """`metric` (scope all, batch 1, or the batched setting of a suite without batch 1) of each method over the
+    runs of this suite, oldest first."""
     runs = list(dict.fromkeys(r["run_id"] for r in history))
+    settings = sorted({r.get("setting") for r in history if r.get("setting")}, key=lambda s: s != "batch-1")
+    setting = settings[0] if settings else "batch-1"
     series: dict[str, dict[int, float]] = {}
     for r in history:
-        if r.get("setting") == "batch-1" and r.get("scope") == "all" and r.get(metric) is not None:
+        if r.get("setting") == setting and r.get("scope") == "all" and r.get(metric) is not None:
             series.setdefault(r["method"], {})[runs.index(r["run_id"])] = r[metric]
     figure, ax = _pyplot().subplots(figsize=(7, 3.5))
     for method, points in series.items():
@@ -89,6 +98,6 @@ def plot_trend(history: list[dict[str, Any]], metric: str, folder: Path) -> str:
         ax.plot(xs, [points[x] for x in xs], marker="o", markersize=3, label=method)
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels([r[:15] for r in runs], rotation=45, ha="right", fontsize=6)
-    ax.set(ylabel=metric, title=f"{metric} over the history (batch 1, all documents)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set(ylabel=metric, title=f"{metric} over the history ({setting.replace('-', ' ')}, all documents)")
+    _legend(ax, fontsize=6, ncol=2)
     return _save(figure, folder, f"trend_{metric}.png")

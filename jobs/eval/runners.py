@@ -75,8 +75,10 @@ class Runner(ABC):
 class CmsdRunner(Runner):
     """A cmsd method: Decoder(pair, settings) at the batch size of each call."""
 
-    def __init__(self, name: str, pair: Any, settings: Any, batched: bool = True, limit: int | None = None) -> None:
+    def __init__(self, name: str, pair: Any, settings: Any, batched: bool = True, limit: int | None = None,
+                 batch_size: int | None = None) -> None:
         self.name, self.pair, self.limit, self.optional = name, pair, limit, False
+        self.batch_size = batch_size  # the most rows a call decodes at once (None: all its documents)
         self.settings = settings.with_(trace=True)
         measured = ALL_RATES if settings.drafts else ("tokens_per_call",)
         self.info = RunnerInfo(kind="cmsd", measured=measured, lossless=settings.lossless, batched=batched,
@@ -91,7 +93,7 @@ class CmsdRunner(Runner):
         return self._decoders[batch]
 
     def run(self, prompts: list[list[int]], doc_ids: list[str]) -> list[RawOutput]:
-        gens = self._decoder(len(prompts)).generate_ids(prompts, doc_ids)
+        gens = self._decoder(min(len(prompts), self.batch_size or len(prompts))).generate_ids(prompts, doc_ids)
         return [RawOutput(g.token_ids, calls=g.stats.target_calls, drafted=g.stats.drafted, accepted=g.stats.accepted,
                           iterations=g.stats.iterations, rollbacks=g.stats.rollbacks, trace=g.trace) for g in gens]
 

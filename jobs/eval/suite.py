@@ -233,6 +233,9 @@ class Suite:
     methods: tuple[MethodEntry, ...]
     peers: tuple[PeerEntry, ...] = ()
     batch_size: int = 8  # the batched setting (besides batch 1); 1 = no batched setting
+    batch_docs: int = 0  # documents per batched unit, decoded batch_size rows at a time (0: batch_size; more:
+    #                      rows that finish are refilled from the unit, continuous batching's setting)
+    single: bool = True  # the batch-1 setting is measured (false: only the batched one)
     sweep: SweepSpec | None = None
     calibration_bins: int = 10
     bootstrap_samples: int = 1000
@@ -249,6 +252,12 @@ class Suite:
         _check(len(set(labels)) == len(labels), f"methods/peers: names must be unique, got {labels}")
         _check(any(m.settings.method == "ar" for m in self.methods), "methods: 'ar' is required (the baseline)")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.batch_docs == 0 or self.batch_docs >= self.batch_size,
+               f"batch_docs must be 0 or >= batch_size ({self.batch_size}), got {self.batch_docs}")
+        _check(self.batch_docs <= self.batch_size or not any(p.batched for p in self.peers),
+               "batch_docs > batch_size: peers decode a unit as one batch; list them with batch: false")
+        _check(isinstance(self.single, bool), f"single must be true or false, got {self.single!r}")
+        _check(self.single or self.batch_size > 1, "single: false needs a batched setting (batch_size > 1)")
         _check(2 <= self.calibration_bins <= 100, f"calibration_bins must be in [2, 100], got {self.calibration_bins}")
         _check(self.bootstrap_samples >= 100, f"bootstrap_samples must be >= 100, got {self.bootstrap_samples}")
 
@@ -277,7 +286,7 @@ def _knob(name: str, value: Any) -> Any:
 
 
 # -- reading a suite file ------------------------------------------------------------------------------------
-TOP_LEVEL = ("name", "corpora", "models", "decode", "batch_size", "methods", "peers", "sweep", "calibration_bins",
+TOP_LEVEL = ("name", "corpora", "models", "decode", "batch_size", "batch_docs", "single", "methods", "peers", "sweep", "calibration_bins",
              "bootstrap_samples", "floors", "tolerances", "execution")
 METHOD_KEYS = ("name", "method", "verify", "settings", "optional", "limit", "batch", "checked", "floors", "drafter")
 
@@ -308,7 +317,8 @@ def suite_from_dict(data: dict[str, Any], origin: Path | None = None) -> Suite:
         models=_section("models", ModelSpec, _models(data.get("models") or {}, origin)),
         methods=tuple(_method(i, m, base, floors, origin) for i, m in enumerate(_list(data, "methods"))),
         peers=tuple(_peer(i, p) for i, p in enumerate(_list(data, "peers"))),
-        batch_size=int(data.get("batch_size", 8)), base=base, floors=floors,
+        batch_size=int(data.get("batch_size", 8)), batch_docs=int(data.get("batch_docs", 0)),
+        single=data.get("single", True), base=base, floors=floors,
         sweep=_section("sweep", SweepSpec, data["sweep"]) if data.get("sweep") else None,
         calibration_bins=int(data.get("calibration_bins", 10)),
         bootstrap_samples=int(data.get("bootstrap_samples", 1000)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,8 @@ def submit(tmp_path: Path, *args: str) -> tuple[int, str]:
     (["--set", "execution.colour=red"], "execution.colour"),
     (["--method", "specbound"], "use drafter 'self'"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--set", "prompt.template='{source} in {nope}'"], "cannot be rendered: KeyError('nope')"),
+    (["--set", "prompt.template=no source"], "prompt template must contain {source}"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args: list[str], words: str, corpus: Path, tiny_target: Path,
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,3 +86,19 @@ def test_spec_file_and_demo_together_is_a_usage_error(tmp_path: Path) -> None:
 def test_status_of_a_directory_that_is_no_job(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert result.exit_code == 2 and "is not a job directory" in result.output
+
+
+def test_prepare_only_writes_the_job_directory_and_stops(tmp_path: Path, tiny_target: Path) -> None:
+    path = write_jsonl(tmp_path / "docs.jsonl", articles(5) + [{"id": "doc-001", "source": "again"}])
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(main, ["submit", "--corpus", str(path), "--target", str(tiny_target), "--out",
+                                       str(out), "--job-id", "prep", "--shards", "2", "--prepare-only"])
+    assert result.exit_code == 0, result.output
+    job = out / "prep"
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == str(job) and lines[-2] == f"prepared; run it with: cmsd-jobs resume {job}"
+    assert sorted(p.name for p in job.iterdir()) == ["errors", "manifest.json", "shards", "spec.yaml"]
+    assert sorted(p.name for p in (job / "shards").iterdir()) == ["shard-00000.arrow", "shard-00001.arrow"]
+    status = CliRunner().invoke(main, ["status", str(job), "--json"])
+    info = json.loads(status.output)
+    assert (info["state"], info["rows"], info["rows_refused"], info["unfinished"]) == ("unfinished", 5, 1, [0, 1])

@@ -97,6 +97,9 @@ def test_k8s_suite_follows_the_format() -> None:
     ({"sweep": {"grid": {"alpha": [1], "beta": [2]}}}, "unknown knob"),
     ({"decode": {"max_new_tokens": 0}}, "max_new_tokens"),
     ({"execution": {"calibrate": "yes"}}, "execution.calibrate must be true or false"),
+    ({"batch_docs": 1}, "batch_docs must be 0 or >= batch_size"),
+    ({"batch_docs": 4}, "peers decode a unit as one batch"),
+    ({"single": "no"}, "single must be true or false"),
     ({"corpora": [{"path": "/nonexistent/x.jsonl", "task": "summarization"}]}, "/nonexistent/x.jsonl"),
     ({"methods": ["ar", {"name": "mine", "method": "cmasd", "drafter": "/nonexistent/drafter"}]},
      "methods 'mine': cannot load model '/nonexistent/drafter'"),
@@ -131,6 +134,19 @@ def test_eval_side_by_side_on_a_tiny_model(tmp_path: Path, corpora: dict[str, Pa
     settings = DecodeSettings.from_dict(yaml.safe_load((folder / "chosen_settings.yaml").read_text()))
     assert settings.method == "cmasd" and settings.verify == "relaxed" and settings.control.alpha in (0.5, 1.0)
     assert len(list((out / "history").glob("*.parquet"))) == 1
+
+
+def test_a_continuous_batching_suite_times_only_its_batched_units(tmp_path: Path, corpora: dict[str, Path],
+                                                                    tiny_target: Path) -> None:
+    """single: false skips batch 1; batch_docs: 4 at batch 2 decodes each unit of 4 documents 2 rows at a time,
+    draining or continuous, with the same output."""
+    methods = ["ar", {"name": "ar-draining", "method": "ar", "settings": {"continuous": False}}]
+    suite = tiny_suite(corpora, tiny_target, peers=[], methods=methods, single=False, batch_docs=4)
+    result, _ = run_eval(tmp_path, suite)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((run_dir(result) / "summary.json").read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"batch-2"}
+    assert {r["method"]: r["agreement_with_ar"] for r in rows if r["scope"] == "all"} == {"ar": 1.0, "ar-draining": 1.0}
 
 
 def test_planted_regression_in_the_history_exits_1_naming_it(tmp_path: Path, corpora: dict[str, Path],

@@ -22,13 +22,14 @@ import pytest
 
 from jobs.batch.driver import actor_name
 from jobs.errors import JobFailed
-from jobs.batch.lifecycle import JobResult, load_job, resume, status, submit
+from jobs.batch.lifecycle import JobResult, create, load_job, resume, status, submit
 from jobs.batch.manifest import unfinished
 from jobs.batch.progress import LogProgress
 from jobs.batch.reducer import reduce_job
 from jobs.batch.spec import JobSpec
 from tests.raytest import articles, error_records, result_ids, write_jsonl
 from workers.protocol import ShardTask, WorkerInfo
+from workers.store import JobStore
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.ray
@@ -89,7 +90,11 @@ def test_a_job_with_bad_rows_completes(bad_rows_job: JobResult) -> None:
     assert overall["new_tokens"] == sum(s["new_tokens"] for s in summary["per_shard"]) == 10 * 12
     assert overall["tokens_per_call"] == pytest.approx(overall["new_tokens"] / overall["target_calls"])
     assert overall["rouge1"] is not None and overall["scored_docs"] == 10 and overall["bleu"] is None
-    assert overall["agreement_with_ar"] is None and overall["speedup_vs_ar"] is None
+    baseline = summary["baseline"]  # the default --baseline 8: two groups of batch_size 4, in shards 0 and 1
+    assert 1 <= baseline["docs"] <= 8 and baseline["ar_tokens_per_s"] > 0
+    assert overall["agreement_with_ar"] == 1.0 and overall["speedup_vs_ar"] > 0  # strict: AR's output exactly
+    assert summary["per_shard"][2]["speedup_vs_ar"] is None
+    assert "Against AR on" in (job / "report.md").read_text()
     assert summary["run"]["sum_decode_s"] > 0 and summary["run"]["wall_s"] > 0
     weights = summary["run"]["workers"][0]["weights_mb"]  # the tiny target: 49152 x 32 tied floats and 2 layers
     assert 6 < weights < 7 and weights < summary["run"]["actor_peak_rss_mb"] < 4096
@@ -101,13 +106,18 @@ def test_the_job_directory_holds_what_design_md_lists(bad_rows_job: JobResult) -
                  "plots/throughput.png", "plots/k_histogram.png", "plots/confidence_acceptance.png"):
         assert (job / name).is_file(), name
     manifest = json.loads((job / "manifest.json").read_text())
+    refused = {}
     for shard in manifest["shards"]:
-        assert pq.read_metadata(job / shard["result"]).num_rows == shard["rows"]
+        rows, refused[shard["index"]] = JobStore(str(job)).result_counts(shard["result"])
+        assert pq.read_metadata(job / shard["result"]).num_rows == rows == shard["rows"] - refused[shard["index"]]
         assert (job / shard["path"].replace("shards/", "traces/").replace(".arrow", ".parquet")).is_file()
+    assert sorted(refused.values()) == [0, 0, 1], "the long row, refused by its worker"
     assert manifest["models"]["target"]["fingerprint"] and manifest["code"]["ray"]
-    assert status(bad_rows_job.uri)["state"] == "done"
-    lengths = pq.read_table(job / "results" / "shard-00000.parquet").column("prompt_tokens").to_pylist()
-    assert lengths == sorted(lengths), "rows are sorted by length inside a shard"
+    info = status(bad_rows_job.uri)
+    assert info["state"] == "done" and info["rows_refused"] == 5 and len(info["error_files"]) == 4
+    for result in (job / "results").glob("shard-*.parquet"):
+        lengths = [len(s) for s in pq.read_table(result).column("source").to_pylist()]
+        assert lengths == sorted(lengths), "rows are sorted by length inside a shard"
 
 
 def test_the_reducer_refuses_a_row_written_twice_or_lost(bad_rows_job: JobResult, tmp_path: Path) -> None:
@@ -185,6 +195,15 @@ def test_an_interrupted_job_resumes_only_the_unfinished_shards(tmp_path: Path, t
     for name, mtime in before.items():
         assert (job / "results" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
     assert_each_once(str(job), [r["id"] for r in articles(32)])
+
+
+def test_a_prepared_job_runs_on_resume(tmp_path: Path, tiny_target: Path, ray_local: str) -> None:
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(4))
+    store, _, manifest = create(job_spec(corpus, tiny_target, tmp_path / "runs", shards=2))  # --prepare-only
+    assert status(store.uri)["unfinished"] == [0, 1] and not (Path(store.uri) / "results").exists()
+    result = resume(store.uri, observer=Recorder())
+    assert result.summary["run"]["shards_run"] == [0, 1] and result.summary["docs"] == 4
+    assert_each_once(result.uri, [r["id"] for r in articles(4)])
 
 
 def wait_for(condition: Any, process: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:

@@ -26,6 +26,8 @@ def test_the_demo_job_on_smollm2(tmp_path: Path, ray_local: str) -> None:
     assert summary["docs"] == 4 and summary["target"] == "smollm2" and summary["drafter"] == "ngram"
     assert 0 < overall["new_tokens"] <= 4 * 16 and overall["tokens_per_call"] >= 1
     assert 0 <= overall["acceptance_rate"] <= 1 and overall["rougeL"] is not None
+    assert summary["baseline"]["docs"] >= 1 and overall["speedup_vs_ar"] > 0  # the job measured itself against AR
+    assert overall["agreement_with_ar"] == 1.0  # the demo's cmasd is strict: AR's output exactly
     hypotheses = pq.read_table(job / "results", columns=["hypothesis"]).column("hypothesis").to_pylist()
     assert len(hypotheses) == 4 and all(h.strip() for h in hypotheses)
     assert (job / "report.html").is_file() and len(list((job / "plots").glob("*.png"))) == 3

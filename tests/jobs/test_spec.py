@@ -27,6 +27,7 @@ def test_resolved_spec_writes_every_default_and_reads_back() -> None:
     ({"corpus": {"path": "x"}, "decode": {"method": "fast"}}, "method must be one of"),
     ({"corpus": {"path": "x"}, "decode": {"control": {"k_max": 0}}}, "k_max"),
     ({"corpus": {"path": "x"}, "execution": {"actors": 0}}, "execution.actors"),
+    ({"corpus": {"path": "x"}, "execution": {"baseline": -1}}, "execution.baseline"),
     ({"corpus": {"path": "x"}, "task": {"name": "poetry"}}, "task.name"),
     ({"corpus": "x"}, "must be a mapping"),
 ])
@@ -65,3 +66,23 @@ def test_an_unreadable_spec_file_is_bad_input(tmp_path: Path) -> None:
         load_spec_file(tmp_path / "bad.yaml")
     with pytest.raises(BadInput, match="cannot read spec"):
         load_spec_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("method, batch, baseline, rows, expected", [
+    ("cmasd", 8, 8, [64] * 4, {0: 8}),  # one group at the job's batch size
+    ("cmasd", 1, 8, [64] * 4, {0: 2, 1: 2, 2: 2, 3: 2}),  # groups of 1 spread over the shards
+    ("cmasd", 4, 12, [64] * 6, {0: 4, 2: 4, 4: 4}),
+    ("cmasd", 8, 8, [3, 3], {0: 3}),  # never more than a shard has
+    ("cmasd", 8, 0, [64] * 4, {}),  # --baseline 0
+    ("ar", 8, 8, [64] * 4, {}),  # AR has nothing to compare with
+])
+def test_baseline_documents_are_planned_per_shard(method: str, batch: int, baseline: int, rows: list[int],
+                                                  expected: dict[int, int]) -> None:
+    from types import SimpleNamespace
+
+    from jobs.batch.lifecycle import baseline_plan
+
+    spec = JobSpec.from_dict({"corpus": {"path": "docs.jsonl"}, "decode": {"method": method, "batch_size": batch},
+                              "execution": {"baseline": baseline}})
+    manifest = SimpleNamespace(shards=[SimpleNamespace(index=i, rows=n) for i, n in enumerate(rows)])
+    assert baseline_plan(spec, manifest) == expected

@@ -7,7 +7,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
-from workers.store import JobStore, TMP_PREFIX, checksum, ipc_bytes, normalize_uri, read_ipc
+from workers.store import REFUSED_KEY, JobStore, TMP_PREFIX, checksum, ipc_bytes, normalize_uri, read_ipc
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -30,11 +30,20 @@ def test_list_skips_files_being_written(store: JobStore, tmp_path) -> None:
     assert store.list("nothing-here") == []
 
 
-def test_parquet_rows_is_the_commit_check(store: JobStore) -> None:
-    assert store.parquet_rows("results/shard-00000.parquet") is None
+def test_result_counts_are_the_commit_check(store: JobStore) -> None:
+    assert store.result_counts("results/shard-00000.parquet") is None
     store.write_parquet("results/shard-00000.parquet", pa.table({"id": ["a", "b", "c"]}))
-    assert store.parquet_rows("results/shard-00000.parquet") == 3
+    assert store.result_counts("results/shard-00000.parquet") == (3, 0)
     assert store.read_parquet("results/shard-00000.parquet").column("id").to_pylist() == ["a", "b", "c"]
+    refused = pa.table({"id": ["a"]}).replace_schema_metadata({REFUSED_KEY: "2"})  # 2 rows refused by the worker
+    store.write_parquet("results/shard-00001.parquet", refused)
+    assert store.result_counts("results/shard-00001.parquet") == (1, 2)
+
+
+def test_delete_removes_the_job_directory(store: JobStore, tmp_path) -> None:
+    store.write_bytes("shards/shard-00000.arrow", b"x")
+    store.delete()
+    assert not store.exists() and not (tmp_path / "job").exists()
 
 
 def test_json_and_jsonl_round_trip(store: JobStore) -> None:
