@@ -17,7 +17,7 @@ import torch
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
 from cmsd.kernels import decode_kernels, forward_costs
-from cmsd.kv import HoleyState, SyncState, open_state, position_table, refill_state
+from cmsd.kv import HoleyState, SyncState, open_state, refill_state, refillable
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.selfspec import SelfSpecPlan
 from cmsd.settings import DecodeSettings
@@ -87,12 +87,17 @@ class Decoder:
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
         """Decode rendered prompts (see PromptTemplate). Returns one Generation per prompt, in order."""
-        tokenizer = self.pair.tokenizer
-        ids = [tokenizer(p, add_special_tokens=not _starts_with_bos(tokenizer, p))["input_ids"] for p in prompts]
-        gens = self.generate_ids(ids, doc_ids, progress)
+        return self.with_text(self.generate_ids(self.encode(prompts), doc_ids, progress))
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """The token ids `generate` decodes for rendered prompts."""
+        return [encode_prompt(self.pair.tokenizer, p) for p in prompts]
+
+    def with_text(self, gens: list[Generation]) -> list[Generation]:
+        """Fill each generation's text: its tokens decoded, cut at the first stop string."""
         for gen in gens:
-            gen.text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-            gen.text = _cut_at_stop(gen.text, self.settings.stop)
+            gen.text = _cut_at_stop(self.pair.tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+                                    self.settings.stop)
         return gens
 
     # -- token level -----------------------------------------------------------------------------------------
@@ -124,8 +129,7 @@ class Decoder:
     @property
     def continuous(self) -> bool:
         """Whether a finished row's place goes to the next document (a SyncState's rows cannot start over)."""
-        model = self.pair.target.model
-        return self.settings.continuous and (not model.config.is_encoder_decoder or position_table(model) is not None)
+        return self.settings.continuous and refillable(self.pair.target.model)
 
     @torch.inference_mode()
     def _decode_batch(self, prompts: list[list[int]], doc_ids: list[str], seed_offset: int,
@@ -326,10 +330,11 @@ def eos_ids(model: LoadedModel) -> set[int]:
     return ids
 
 
-def _starts_with_bos(tokenizer, prompt: str) -> bool:
-    """A prompt rendered with a chat template may already carry the BOS token: don't add a second one."""
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A rendered prompt's token ids. A prompt rendered with a chat template may already carry the BOS token: no
+    second one is added."""
     bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and prompt.startswith(bos)
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -373,9 +373,14 @@ def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int) 
     """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed
     (first_tokens)."""
     if model.config.is_encoder_decoder:
-        kind = EncoderHoleyState if position_table(model) is not None else SyncState
+        kind = EncoderHoleyState if refillable(model) else SyncState
         return kind(model, prompts, capacity), first_tokens(model, prompts)
     return HoleyState(model, [p[:-1] for p in prompts], capacity), first_tokens(model, prompts)
+
+
+def refillable(model: PreTrainedModel) -> bool:
+    """Whether open_state gives the model a state whose rows can start over (a HoleyState, not a SyncState)."""
+    return not model.config.is_encoder_decoder or position_table(model) is not None
 
 
 def refill_state(state: HoleyState | SyncState, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:

@@ -32,8 +32,8 @@ def main(out: Path, docs: int) -> None:
             row.update(task="summarization", reference=None)
     pair = load_pair("smollm2", None)
     template = PromptTemplate("summarization")
-    ids = [pair.tokenizer(template.render(pair.tokenizer, r["source"]))["input_ids"] for r in rows]
-    gens = Decoder(pair, DecodeSettings(method="ar", max_new_tokens=128, batch_size=8)).generate_ids(ids)
+    decoder = Decoder(pair, DecodeSettings(method="ar", max_new_tokens=128, batch_size=8))
+    gens = decoder.generate_ids(decoder.encode([template.render(pair.tokenizer, r["source"]) for r in rows]))
     pool = sorted(zip(gens, rows), key=lambda pair: len(pair[0].token_ids))
     shortest = len(pool[0][0].token_ids)
     picked = []

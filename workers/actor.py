@@ -57,8 +57,9 @@ class ShardWorker:
         start = time.perf_counter()
         self._progress = (task.index, 0)  # not the counts of an earlier attempt
         shard = self._read_shard(task)
-        prompts = [self._render(r) for r in shard.select(["source", "src_lang", "tgt_lang"]).to_pylist()]
-        keep, refused = split_by_length(self._pair.tokenizer, prompts, self._budget)
+        prompts = self._decoder.encode([self._render(r) for r in
+                                        shard.select(["source", "src_lang", "tgt_lang"]).to_pylist()])
+        keep, refused = split_by_length(prompts, self._budget)
         self._write_refused(task, shard, refused)  # before the results: the commit accounts for them
         shard = shard.take(pa.array(keep, pa.int64()))
         self._progress = (task.index, len(refused))
@@ -75,7 +76,7 @@ class ShardWorker:
                             wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb(),
                             refused=len(refused))
 
-    def _decode(self, task: ShardTask, prompts: list[str], ids: list[str]) -> tuple[list, dict]:
+    def _decode(self, task: ShardTask, prompts: list[list[int]], ids: list[str]) -> tuple[list, dict]:
         """The shard's generations, and AR's generations of its task.baseline documents (spread over the shard,
         which is sorted by length): those are decoded as a group of their own, by the method and by AR one after
         the other, in an order that alternates from shard to shard."""
@@ -91,7 +92,7 @@ class ShardWorker:
         own, ar = (first, second) if order[0] is self._decoder else (second, first)
         return generations + own, {g.doc_id: g for g in ar}
 
-    def _generate(self, decoder, prompts: list[str], ids: list[str]) -> list:
+    def _generate(self, decoder, prompts: list[list[int]], ids: list[str]) -> list:
         if not prompts:
             return []
         shard = self._progress[0]
@@ -99,7 +100,7 @@ class ShardWorker:
         def done(n: int) -> None:
             self._progress = (shard, self._progress[1] + n)
 
-        return decoder.generate(prompts, ids, progress=done if decoder is self._decoder else None)
+        return decoder.with_text(decoder.generate_ids(prompts, ids, progress=done if decoder is self._decoder else None))
 
     def _ar_decoder(self):
         if self._ar is None:

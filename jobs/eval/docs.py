@@ -14,7 +14,7 @@ from jobs.batch.corpus import read_corpus
 from jobs.errors import BadInput
 from jobs.eval.suite import Suite, SuiteCorpus
 from jobs.batch.rows import BadRow, PromptRow, check_rows
-from workers.prompts import prompt_ids as encode  # the ids cmsd's Decoder.generate makes (distill uses it too)
+from cmsd.decode import encode_prompt as encode  # the ids cmsd's Decoder.generate makes
 
 SLACK_ROWS = 16  # rows read beyond those needed, to replace refused ones
 

@@ -154,7 +154,7 @@ def _rows(path: str, task: str, tokenizer: Any, wanted: int, budget: int) -> lis
     """The corpus's first `wanted` good rows as (prompt ids, reference); long sources are cut to fit `budget`."""
     from cmsd import PromptTemplate
     from jobs.batch.corpus import read_corpus
-    from jobs.eval.docs import encode
+    from cmsd.decode import encode_prompt as encode
     from jobs.batch.rows import check_rows
     from jobs.batch.spec import CorpusSpec
 
