@@ -16,6 +16,7 @@ import torch
 
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
+from cmsd.head import FeatureHead, HeadDrafter
 from cmsd.kernels import decode_kernels, forward_costs
 from cmsd.kv import HoleyState, SyncState, open_state, refill_state, refillable
 from cmsd.models import LoadedModel, ModelPair
@@ -138,12 +139,25 @@ class Decoder:
         settings = self.settings
         generator = torch.Generator(device=self.pair.device).manual_seed(settings.seed + seed_offset)
         sampler = Sampler(settings.temperature, generator)
-        drafter_model = self.pair.drafter.model if isinstance(self.pair.drafter, LoadedModel) else None
-        with decode_kernels([self.pair.target.model, drafter_model], settings.small_rows):
-            if not settings.verify_tokens and settings.drafts:
-                self.costs = forward_costs(self.pair.target.model, MAX_PASS)
-                self.verify_tokens = pass_budget(self.costs, self.pair.device)
+        with decode_kernels(self._models(), settings.small_rows):
+            self._measure()
             return self._decode_rows(prompts, doc_ids, sampler, generator, progress)
+
+    def prepare(self) -> None:
+        """Take the one-time measurements now (the kernels' row counts, the verify budget's cost curve; kept on disk
+        per machine and model), so that no timed decode pays for them (a worker calls it as it loads)."""
+        with decode_kernels(self._models(), self.settings.small_rows):
+            self._measure()
+
+    def _models(self) -> list:
+        drafter = self.pair.drafter
+        return [self.pair.target.model, drafter.model if isinstance(drafter, LoadedModel) else
+                drafter if isinstance(drafter, FeatureHead) else None]
+
+    def _measure(self) -> None:
+        if not self.settings.verify_tokens and self.settings.drafts:
+            self.costs = forward_costs(self.pair.target.model, MAX_PASS)
+            self.verify_tokens = pass_budget(self.costs, self.pair.device)
 
     def _decode_rows(self, prompts: list[list[int]], doc_ids: list[str], sampler: Sampler,
                      generator: torch.Generator, progress: Callable[[int], None] | None) -> list[Generation]:
@@ -245,9 +259,11 @@ class Decoder:
         settings, drafter, model = self.settings, self.pair.drafter, self.pair.target.model
         if self.self_spec and settings.drafts:
             return self.self_spec.open(model, prompts, capacity, settings.confidence, sampler)
-        target, first = open_state(model, prompts, capacity)
+        target, first = open_state(model, prompts, capacity, features=settings.drafts and isinstance(drafter, FeatureHead))
         if not settings.drafts:
             return target, first, None
+        if isinstance(drafter, FeatureHead):
+            return target, first, HeadDrafter(drafter, target, prompts, capacity, settings.confidence, sampler)
         if isinstance(drafter, LoadedModel):
             return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":

@@ -67,6 +67,8 @@ class TeacherData:
     answer_starts: list[int]  # index of each sequence's first continuation token (len = no continuation)
     top_ids: list[torch.Tensor]  # [L, K] the target's top-k next tokens after each position
     top_p: list[torch.Tensor]  # [L, K] their probabilities
+    features: list[torch.Tensor] = field(default_factory=list)  # [L, H] what its LM head read (a feature head's
+    #                                                               data; empty when not asked for)
 
     @property
     def tokens(self) -> int:
@@ -74,11 +76,11 @@ class TeacherData:
 
     def part(self, start: int, stop: int) -> TeacherData:
         return TeacherData(self.seqs[start:stop], self.answer_starts[start:stop], self.top_ids[start:stop],
-                           self.top_p[start:stop])
+                           self.top_p[start:stop], self.features[start:stop])
 
     def __add__(self, other: TeacherData) -> TeacherData:
         return TeacherData(self.seqs + other.seqs, self.answer_starts + other.answer_starts,
-                           self.top_ids + other.top_ids, self.top_p + other.top_p)
+                           self.top_ids + other.top_ids, self.top_p + other.top_p, self.features + other.features)
 
     def save(self, path: Path) -> None:
         torch.save(asdict(self), path)
@@ -90,21 +92,24 @@ class TeacherData:
 
 @torch.inference_mode()
 def teacher_targets(target: PreTrainedModel, seqs: list[list[int]], answer_starts: list[int], top_k: int,
-                    batch_tokens: int = 2048, progress: Callable[[int], None] | None = None) -> TeacherData:
-    """Run the target over each sequence once (batched, right-padded) and keep its top-k next-token probabilities."""
+                    batch_tokens: int = 2048, progress: Callable[[int], None] | None = None,
+                    features: bool = False) -> TeacherData:
+    """Run the target over each sequence once (batched, right-padded) and keep its top-k next-token probabilities
+    (and with `features`, what its LM head read at every position, in float16)."""
     device = target.device
-    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[int, tuple[torch.Tensor, ...]] = {}
     for batch in _batches(list(range(len(seqs))), [len(s) for s in seqs], batch_tokens, shuffle=None):
         ids, mask = _pad([seqs[i] for i in batch], device)
-        probs = torch.softmax(target(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        top = probs.topk(top_k, dim=-1)
+        result = target(input_ids=ids, attention_mask=mask, output_hidden_states=features)
+        top = torch.softmax(result.logits.float(), -1).topk(top_k, dim=-1)
         for row, i in enumerate(batch):
             n = len(seqs[i])
-            out[i] = (top.indices[row, :n].int().cpu(), top.values[row, :n].half().cpu())
+            out[i] = (top.indices[row, :n].int().cpu(), top.values[row, :n].half().cpu(),
+                      *([result.hidden_states[-1][row, :n].half().cpu()] if features else []))
         if progress:
             progress(int(mask.sum()))
-    return TeacherData([torch.tensor(s) for s in seqs], list(answer_starts), [out[i][0] for i in range(len(seqs))],
-                       [out[i][1] for i in range(len(seqs))])
+    columns = [[out[i][c] for i in range(len(seqs))] for c in range(3 if features else 2)]
+    return TeacherData([torch.tensor(s) for s in seqs], list(answer_starts), *columns)
 
 
 def draft_vocabulary(data: TeacherData, size: int, vocab_size: int, always: Collection[int] = ()) -> torch.Tensor:
@@ -185,53 +190,65 @@ def train(student: PreTrainedModel, data: TeacherData, vocab: torch.Tensor, sett
           progress: Progress | None = None, checkpoint: Path | None = None, checkpoint_every: int = 50) -> TrainState:
     """Minimise the cross-entropy from the target's (top-k, draft-vocabulary) distribution to the drafter's at every
     position. Resumes from `checkpoint` when it exists and saves it every `checkpoint_every` steps."""
-    device = student.device
-    params = [p for p in student.parameters() if p.requires_grad]
+    device, index = student.device, vocab_index(vocab, student.config.vocab_size)
+
+    def loss(rows: list[int]) -> torch.Tensor:
+        ids, mask = _pad([data.seqs[i].tolist() for i in rows], device)
+        cols, probs, counted = soft_targets(data, rows, ids.shape[1], index, device)
+        logp = torch.log_softmax(student_logits(student, ids, mask, vocab.to(device)), -1)
+        return -((logp.gather(-1, cols) * probs).sum(-1) * counted).sum() / counted.sum().clamp(min=1)
+
+    return train_loop(student, data, settings, loss, progress, checkpoint, checkpoint_every)
+
+
+def train_loop(model: torch.nn.Module, data: TeacherData, settings: DistillSettings,
+               loss: Callable[[list[int]], torch.Tensor], progress: Progress | None = None,
+               checkpoint: Path | None = None, checkpoint_every: int = 50) -> TrainState:
+    """AdamW over `model`'s trainable parameters on `loss(rows)` of length-bucketed batches of `data`'s sequences
+    (settings.batch_tokens each), warm-up then cosine decay. Resumes from `checkpoint` when it exists and saves it
+    every `checkpoint_every` steps (and when settings.minutes runs out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, settings))
     state = TrainState()
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
-        student.load_state_dict(saved["model"], strict=False)
+        model.load_state_dict(saved["model"], strict=False)
         opt.load_state_dict(saved["opt"])
         schedule.load_state_dict(saved["schedule"])
         state = TrainState(**saved["state"])
-    index = vocab_index(vocab, student.config.vocab_size)
     rng = random.Random(settings.seed + state.step)
     lengths = [len(s) for s in data.seqs]
     batches: list[list[int]] = []
-    student.train()
+    model.train()
     started = time.perf_counter() - state.seconds
     while state.step < settings.steps:
         if settings.minutes is not None and time.perf_counter() - started > 60 * settings.minutes:
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, student, opt, schedule, state)
+                _save_checkpoint(checkpoint, model, opt, schedule, state)
             break
         if not batches:
             batches = _batches(list(range(len(data.seqs))), lengths, settings.batch_tokens, shuffle=rng)
-        rows = batches.pop()
-        ids, mask = _pad([data.seqs[i].tolist() for i in rows], device)
-        cols, probs, counted = soft_targets(data, rows, ids.shape[1], index, device)
-        logp = torch.log_softmax(student_logits(student, ids, mask, vocab.to(device)), -1)
-        loss = -((logp.gather(-1, cols) * probs).sum(-1) * counted).sum() / counted.sum().clamp(min=1)
+        value = loss(batches.pop())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         schedule.step()
         state.step += 1
-        state.losses.append(loss.item())
+        state.losses.append(value.item())
         state.seconds = time.perf_counter() - started
         if progress:
             progress(1, {"loss": state.losses[-1]})
         if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == settings.steps):
-            _save_checkpoint(checkpoint, student, opt, schedule, state)
-    student.eval()
+            _save_checkpoint(checkpoint, model, opt, schedule, state)
+    model.eval()
     return state
 
 
-def _save_checkpoint(path: Path, student: PreTrainedModel, opt, schedule, state: TrainState) -> None:
-    trainable = {k: v for k, v in student.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+def _save_checkpoint(path: Path, model: torch.nn.Module, opt, schedule, state: TrainState) -> None:
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {k: v for k, v in model.state_dict().items() if k in names}
     tmp = path.with_suffix(".tmp")
     torch.save({"model": trainable, "opt": opt.state_dict(), "schedule": schedule.state_dict(),
                 "state": asdict(state)}, tmp)

@@ -96,6 +96,18 @@ class _DraftBuffer:
             self.q_columns(q.shape[-1])[:, j] = q
         self.lengths += ok.long()
 
+    def take(self, j: int, z: torch.Tensor, active: torch.Tensor, k: torch.Tensor, keep: Keep,
+             conf: ConfidenceSettings, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Draft column j from the drafter's logits z [B, V]: each active row picks a token and keeps it where
+        `keep` allows its confidence. Returns the tokens [B], the rows that draft on (kept, under their k [B]) and
+        whether drafting stops here."""
+        c = confidence(z, conf)
+        x = sampler.pick(z)
+        ok = active & keep(c[:, 3])
+        self.put(j, ok, x, c, sampler.probs(z) if self.keep_q else z)
+        active = ok & (j + 1 < k)
+        return x, active, j + 1 == self.tokens.shape[1] or not bool(active.any())
+
     def q_columns(self, vocab: int) -> torch.Tensor:
         if self.q is None:
             self.q = torch.zeros(*self.tokens.shape, vocab, device=self.tokens.device)
@@ -139,12 +151,8 @@ class ModelDrafter(Drafter):
             logits = self.state.feed(tokens, valid)  # [B, W, V]
             last = (valid.long() * torch.arange(valid.shape[1], device=device)).argmax(1)
             z = logits[torch.arange(batch, device=device), last]  # [B, V] logits after each row's last token
-            c = confidence(z, self.conf_settings)
-            x = self.sampler.pick(z)
-            ok = active & keep(c[:, 3])
-            buf.put(j, ok, x, c, self.sampler.probs(z) if buf.keep_q else z)
-            active = ok & (j + 1 < k)
-            if j + 1 == width or not bool(active.any()):
+            x, active, done = buf.take(j, z, active, k, keep, self.conf_settings, self.sampler)
+            if done:
                 break
             tokens, valid = x[:, None], active[:, None]
             self.fed_drafts += active.long()

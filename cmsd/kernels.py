@@ -24,11 +24,16 @@ runs transformers' and torch's own paths.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 from contextlib import contextmanager
 
 import torch
@@ -109,6 +114,48 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
     return out.reshape(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
+def _on_disk(model: nn.Module, what: str, params: tuple, measure: Callable[[], list]) -> list:
+    """measure() once per machine and model: kept in $CMSD_CACHE/kernels/, keyed by the model (cmsd.models.
+    fingerprint, dtype), what is measured and how, the CPU, the thread count and the torch version; a later process
+    (the next job, another actor) reads it back instead of timing again. Measured anew, not kept, when a test's
+    stopwatch times it (use_stopwatch) or the cache cannot be written."""
+    if _stopwatch is not wall_clock:
+        return measure()
+    from cmsd.models import cache_dir, fingerprint  # cmsd.models needs nothing from here
+
+    key = {"what": what, "params": list(params), "model": fingerprint(model),
+           "dtype": str(next(model.parameters()).dtype), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    path = cache_dir() / "kernels" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+                                      + ".json")
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log.info("%s: measured before on this machine (%s)", what, path)
+            return saved["value"]
+    except (OSError, ValueError):
+        pass
+    value = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": key, "value": value}))
+        os.replace(partial, path)  # atomic: actors measuring at once each write a whole file
+    except OSError as err:
+        log.warning("cannot keep the %s measurement in %s: %s", what, path, err)
+    return value
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -117,36 +164,41 @@ def small_row_counts(model: nn.Module, rows: int, repeats: int = 3) -> frozenset
     """The row counts n <= rows at which (W @ x.T).T beats torch's x @ W.T over `model`'s linear layers on CPU (none
     on other devices). Each candidate is timed as a pass over all the layers in order (each weight streamed from
     memory as in a forward) after a warm-up pass, alternating which goes first, median of up to `repeats` rounds
-    (two when a product is 1.5x the other: a clear case); (W @ x.T).T must win by 5 %. Once per model and `rows` in
-    a process."""
+    (two when a product is 1.5x the other: a clear case); (W @ x.T).T must win by 5 %. Once per model and `rows` on
+    a machine (kept on disk, `_on_disk`)."""
     if rows <= 0 or not _on_cpu(model):
         return frozenset()
     known = _counts.setdefault(model, {})
     if rows not in known:
-        layers = [m for m in model.modules() if type(m) in (nn.Linear, SmallRowsLinear)]
-        started, faster = time.perf_counter(), set()
-        with torch.inference_mode():
-            for n in range(1, rows + 1):
-                inputs = [torch.randn(n, m.in_features, dtype=m.weight.dtype) for m in layers]
-                timings: dict[bool, list[float]] = {False: [], True: []}
-
-                def one_pass(small: bool) -> float:
-                    return _stopwatch(("linear", n, small), lambda: [
-                        linear(x, layer.weight, layer.bias, (n,) if small else ()) for layer, x in zip(layers, inputs)])
-
-                one_pass(True)  # warm-up
-                for round_ in range(max(repeats, 2)):
-                    for small in (round_ % 2 == 0, round_ % 2 == 1):
-                        timings[small].append(one_pass(small))
-                    ratio = statistics.median(timings[True]) / statistics.median(timings[False])
-                    if round_ and not 1 / 1.5 < ratio < 1.5:
-                        break
-                if ratio < 0.95:
-                    faster.add(n)
-        known[rows] = frozenset(faster)
-        log.info("small-row linear: (W @ x.T).T is faster for row counts %s of %d (timed in %.1f s)",
-                 sorted(faster) or "none", rows, time.perf_counter() - started)
+        known[rows] = frozenset(_on_disk(model, "small-row linear", (rows, repeats),
+                                         lambda: _time_small_rows(model, rows, repeats)))
     return known[rows]
+
+
+def _time_small_rows(model: nn.Module, rows: int, repeats: int) -> list[int]:
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, SmallRowsLinear)]
+    started, faster = time.perf_counter(), set()
+    with torch.inference_mode():
+        for n in range(1, rows + 1):
+            inputs = [torch.randn(n, m.in_features, dtype=m.weight.dtype) for m in layers]
+            timings: dict[bool, list[float]] = {False: [], True: []}
+
+            def one_pass(small: bool) -> float:
+                return _stopwatch(("linear", n, small), lambda: [
+                    linear(x, layer.weight, layer.bias, (n,) if small else ()) for layer, x in zip(layers, inputs)])
+
+            one_pass(True)  # warm-up
+            for round_ in range(max(repeats, 2)):
+                for small in (round_ % 2 == 0, round_ % 2 == 1):
+                    timings[small].append(one_pass(small))
+                ratio = statistics.median(timings[True]) / statistics.median(timings[False])
+                if round_ and not 1 / 1.5 < ratio < 1.5:
+                    break
+            if ratio < 0.95:
+                faster.add(n)
+    log.info("small-row linear: (W @ x.T).T is faster for row counts %s of %d (timed in %.1f s)",
+             sorted(faster) or "none", rows, time.perf_counter() - started)
+    return sorted(faster)
 
 
 def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: int = 512
@@ -155,37 +207,44 @@ def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: i
     1, fed after a `context`-token cache as the decode feeds it (cmsd.kv.HoleyState: its mask, attention over the
     cache), with the kernels in effect when called (inside `decode_kernels`: the decode's own); the fastest of
     `repeats` after a warm-up, alternating (other work on the machine only slows a run down). Timed once per model
-    and kernel setting in a process. None on a GPU (no host timing of asynchronous kernels; its forward is memory
-    bound for a few tokens) or for an encoder-decoder."""
+    and kernel setting on a machine (kept on disk, `_on_disk`). None on a GPU (no host timing of asynchronous
+    kernels; its forward is memory bound for a few tokens) or for an encoder-decoder."""
     if not _on_cpu(model) or model.config.is_encoder_decoder:
         return None
     kernels = (model.config._attn_implementation,
                next((m.small_rows for m in model.modules() if isinstance(m, SmallRowsLinear)), None))
     known = _costs.setdefault(model, {})
     if (width, kernels) not in known:
-        from cmsd.kv import HoleyState  # the state a decode feeds (cmsd.kv needs nothing from here)
-
-        started = time.perf_counter()
-        timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
-        config = model.config.get_text_config(decoder=True)
-        length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
-        state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
-        ids = {n: torch.zeros(1, n, dtype=torch.long, device=model.device) for n in timings}
-
-        def verify_pass(n: int) -> None:
-            state.feed(ids[n], torch.ones_like(ids[n], dtype=torch.bool))
-            state.commit(torch.zeros(1, dtype=torch.long, device=model.device))  # the cache as it was
-
-        for round_ in range(repeats + 1):  # round 0: warm-up
-            for n in timings:
-                seconds = _stopwatch(("forward", n), lambda: verify_pass(n))
-                if round_:
-                    timings[n].append(seconds)
-        one = min(timings[1])
-        known[width, kernels] = tuple(min(t) / one for t in timings.values())
-        log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,
-                 " ".join(f"{c:.2f}" for c in known[width, kernels]), time.perf_counter() - started)
+        small = sorted(kernels[1]) if kernels[1] is not None else None
+        known[width, kernels] = tuple(_on_disk(model, "forward cost", (width, repeats, context, kernels[0], small),
+                                               lambda: _time_forwards(model, width, repeats, context)))
     return known[width, kernels]
+
+
+def _time_forwards(model: nn.Module, width: int, repeats: int, context: int) -> list[float]:
+    from cmsd.kv import HoleyState  # the state a decode feeds (cmsd.kv needs nothing from here)
+
+    started = time.perf_counter()
+    timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
+    config = model.config.get_text_config(decoder=True)
+    length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
+    state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
+    ids = {n: torch.zeros(1, n, dtype=torch.long, device=model.device) for n in timings}
+
+    def verify_pass(n: int) -> None:
+        state.feed(ids[n], torch.ones_like(ids[n], dtype=torch.bool))
+        state.commit(torch.zeros(1, dtype=torch.long, device=model.device))  # the cache as it was
+
+    for round_ in range(repeats + 1):  # round 0: warm-up
+        for n in timings:
+            seconds = _stopwatch(("forward", n), lambda: verify_pass(n))
+            if round_:
+                timings[n].append(seconds)
+    one = min(timings[1])
+    costs = [min(t) / one for t in timings.values()]
+    log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,
+             " ".join(f"{c:.2f}" for c in costs), time.perf_counter() - started)
+    return costs
 
 
 @contextmanager

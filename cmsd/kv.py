@@ -127,9 +127,13 @@ def _crop_to(cache: DynamicCache | EncoderDecoderCache, length: int) -> None:
 class HoleyState:
     """Decoder-only model + cache whose slots may hold holes. Slot s of row b is a token iff mask[b, s]."""
 
-    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> None:
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int,
+                 features: bool = False) -> None:
         self.model = model
         self.cache = buffered_cache(model, capacity)
+        self.tap = features  # keep the features the LM head reads (a feature-head drafter drafts from them)
+        self.features: torch.Tensor | None = None  # [B, W, H] of the last feed, when tapped
+        self.prefilled: dict[int, torch.Tensor] = {}  # row -> [n, H] features of its last refill, when tapped
         device, batch = model.device, len(prompts)
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, slots]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # [B] next position of each row
@@ -148,14 +152,21 @@ class HoleyState:
         batch, length = self.mask.shape
         for row, prompt in zip(rows, prompts):
             self.mask[row], self.pos[row] = 0, len(prompt)
-            if prompt:
+            self.prefilled.pop(row, None)
+            if len(prompt):
                 single = buffered_cache(self.model, len(prompt))
-                self.model(input_ids=torch.tensor([prompt], device=self.mask.device), past_key_values=single,
-                           use_cache=True, logits_to_keep=1)
+                self._prefill(row, prompt, single)
                 for layer, part in zip(self.cache.layers, single.layers):
                     layer.place(row, batch, length, part.keys, part.values)
                 self.mask[row, length - len(prompt):] = 1
         self._trim()
+
+    def _prefill(self, row: int, prompt: list[int], cache: DynamicCache) -> None:
+        """Run one row's prompt alone into `cache` (refill places it in the batch cache)."""
+        out = self.model(input_ids=torch.tensor([prompt], device=self.mask.device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1, output_hidden_states=self.tap)
+        if self.tap:
+            self.prefilled[row] = out.hidden_states[-1][0]
 
     def _shift(self, slots: int) -> None:
         """Drop the first `slots` slots, or open -slots hole slots in front."""
@@ -186,7 +197,9 @@ class HoleyState:
         else:
             positions, mask = self._tree_slots(valid, parents)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True, output_hidden_states=self.tap)
+        if self.tap:
+            self.features = out.hidden_states[-1]  # what the LM head read: the last layer's, after the final norm
         return out.logits
 
     def _tree_slots(self, valid: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,14 +381,14 @@ def ancestors(parents: torch.Tensor) -> torch.Tensor:
     return tree
 
 
-def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int) -> tuple[HoleyState | SyncState,
-                                                                                          torch.Tensor]:
+def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int, features: bool = False
+               ) -> tuple[HoleyState | SyncState, torch.Tensor]:
     """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed
-    (first_tokens)."""
+    (first_tokens). With `features` (decoder-only) the state keeps what its LM head reads (HoleyState.tap)."""
     if model.config.is_encoder_decoder:
         kind = EncoderHoleyState if refillable(model) else SyncState
         return kind(model, prompts, capacity), first_tokens(model, prompts)
-    return HoleyState(model, [p[:-1] for p in prompts], capacity), first_tokens(model, prompts)
+    return HoleyState(model, [p[:-1] for p in prompts], capacity, features), first_tokens(model, prompts)
 
 
 def refillable(model: PreTrainedModel) -> bool:

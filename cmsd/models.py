@@ -7,6 +7,7 @@ wheel. Converting the GGUF takes ~20 s, so the first load saves a safetensors co
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DRAFTER_KINDS = ("ngram", "self")  # drafters that are not a second model
+HEAD_DRAFTER = "head"  # the feature head shipped for the target (cmsd.head); a head directory loads as well
 
 
 class ModelError(ValueError):
@@ -53,7 +55,7 @@ class ModelPair:
     """A target and its drafter. `drafter` is a model, or one of MODEL_DRAFTER_KINDS, or None (AR only)."""
 
     target: LoadedModel
-    drafter: LoadedModel | str | None
+    drafter: LoadedModel | str | None  # or a cmsd.head.FeatureHead
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -74,9 +76,24 @@ class ModelPair:
 
     @property
     def drafter_name(self) -> str:
-        if isinstance(self.drafter, LoadedModel):
-            return self.drafter.name
-        return self.drafter or "none"
+        if isinstance(self.drafter, str) or self.drafter is None:
+            return self.drafter or "none"
+        return self.drafter.name  # a LoadedModel or a FeatureHead
+
+
+def target_shape(model) -> str:
+    """A model's architecture and size (known from its config alone)."""
+    config = model.config
+    return f"{config.model_type}/{config.hidden_size}/{config.num_hidden_layers}/{config.vocab_size}"
+
+
+def fingerprint(model) -> str:
+    """What identifies a model's weights without reading them all: its shape and a digest of a sample of its
+    embedding (a feature head is trained for one target; cost measurements are kept per model)."""
+    embeddings = getattr(model, "get_input_embeddings", None)  # a FeatureHead: its first weight (fc)
+    weight = embeddings().weight if embeddings is not None else next(model.parameters())
+    sample = weight[:: max(1, weight.shape[0] // 64), :16].detach().float().cpu().numpy().round(4)
+    return hashlib.sha256(f"{target_shape(model)}/{sample.tobytes().hex()}".encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -184,11 +201,16 @@ def load_pair(target: str = DEFAULT_TARGET, drafter: str | None = "ngram", devic
     return ModelPair(loaded, load_drafter(loaded, drafter, trust_remote_code))
 
 
-def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bool = False) -> LoadedModel | str | None:
-    """A drafter for a loaded target: one of MODEL_DRAFTER_KINDS or None as is, else a model on the target's device
-    and dtype that shares its tokenizer (a distilled drafter with its reduced draft vocabulary)."""
+def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bool = False):
+    """A drafter for a loaded target: one of MODEL_DRAFTER_KINDS or None as is; "head" or a head directory: a
+    cmsd.head.FeatureHead trained for this target; else a model on the target's device and dtype that shares its
+    tokenizer (a distilled drafter with its reduced draft vocabulary)."""
     if drafter is None or drafter in MODEL_DRAFTER_KINDS:
         return drafter
+    from cmsd.head import is_head_dir, load_head, shipped_head
+
+    if drafter == HEAD_DRAFTER or is_head_dir(drafter):
+        return load_head(shipped_head(target.model) if drafter == HEAD_DRAFTER else drafter, target.model)
     draft = load_model(drafter, target.model.device, target.model.dtype, trust_remote_code)
     check_same_vocab(target.tokenizer, draft.tokenizer, drafter)
     if draft.path is not None:

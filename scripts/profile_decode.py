@@ -5,6 +5,7 @@ untimed warm-up. On a CPU every phase is synchronous, so wall-clock sections are
 
     python scripts/profile_decode.py                       # ar and strict cmasd with the defaults
     python scripts/profile_decode.py ar cmasd:ngram.branches=1 cmasd:verify=relaxed
+    python scripts/profile_decode.py ar cmasd cmasd:drafter=head    # drafter=NAME: another drafter (the head)
 """
 
 import contextlib
@@ -18,16 +19,18 @@ import cmsd.kv
 from cmsd import DecodeSettings, Decoder, DocStats, PromptTemplate, load_pair
 from cmsd.control import Controller
 from cmsd.drafters import NgramDrafter, NgramTreeDrafter
+from cmsd.head import HeadDrafter
+from cmsd.models import ModelPair, load_drafter
 from jobs.batch.spec import apply_overrides, parse_assignment
 
 DATA = "../shared/data/"
 PHASES = {  # phase -> (owner, attribute)
     "prefill": [(cmsd.decode, "open_state")],
-    "draft": [(NgramDrafter, "propose"), (NgramTreeDrafter, "propose")],
+    "draft": [(NgramDrafter, "propose"), (NgramTreeDrafter, "propose"), (HeadDrafter, "propose")],
     "target forward": [(cmsd.kv.HoleyState, "feed")],
     "verify": [(cmsd.decode, "verify"), (cmsd.decode, "verify_tree")],
     "cache commit": [(cmsd.kv.HoleyState, "commit")],
-    "drafter commit": [(NgramDrafter, "commit")],
+    "drafter commit": [(NgramDrafter, "commit"), (HeadDrafter, "commit")],  # a head's includes its cache's
     "controller": [(Controller, "draft_lengths"), (Controller, "observe"), (Controller, "thresholds")],
     "record (host transfer)": [(cmsd.decode.Decoder, "_record")],
 }
@@ -65,8 +68,10 @@ def main(methods: list[str], docs: int = 4) -> None:
     for spec in methods:
         method, _, overrides = spec.partition(":")
         assignments = dict(parse_assignment(a) for a in overrides.split(",") if a)  # section.field=value (YAML)
+        drafter = assignments.pop("drafter", "ngram")
         data = apply_overrides(base.with_(method=method).to_dict(), assignments)
-        decoders[spec] = Decoder(pair, DecodeSettings.from_dict(data))
+        decoders[spec] = Decoder(ModelPair(pair.target, load_drafter(pair.target, drafter)),
+                                 DecodeSettings.from_dict(data))
         decoders[spec].generate(prompts[:1])  # warm-up, untimed
     walls: dict[str, float] = defaultdict(float)
     phases: dict[str, dict[str, float]] = {m: defaultdict(float) for m in methods}

@@ -31,6 +31,7 @@ class ShardWorker:
         self._pair = load_pair(target=config.target, drafter=config.drafter, device=config.device,
                                dtype=config.dtype)
         self._decoder = Decoder(self._pair, config.decode)
+        self._decoder.prepare()  # its one-time cost measurement: part of loading, never of a shard's decode time
         self._config = config
         self._ar: Decoder | None = None  # AR on the same target, for a shard's baseline documents
         self._progress = (-1, 0)  # (shard, documents done) of the shard being decoded

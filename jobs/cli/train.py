@@ -36,8 +36,11 @@ def calibrate(target: str, corpus: str, task: str, limit: int, max_tokens: int, 
               help="A corpus (any format a job reads); repeat for several. Translation when its rows carry "
                    "src_lang/tgt_lang, summarization otherwise (or --task).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Drafter directory.")
-@click.option("--layers", default=2, help="Transformer layers of the drafter (the target's first layers-1 and "
-              "its last).")
+@click.option("--kind", type=click.Choice(["model", "head"]), default="model", help="model: a small model cut "
+              "from the target that drafts alone; head: a feature head that drafts from the target's own features "
+              "(EAGLE-style, cmsd.head).")
+@click.option("--layers", type=int, help="Decoder layers: model, the target's first layers-1 and its last "
+              "[default: 2]; head, its own layers shaped like the target's [default: 1].")
 @click.option("--steps", default=400, help="Training steps.")
 @click.option("--minutes", type=float, help="Stop training after this many minutes, whatever --steps says.")
 @click.option("--draft-vocab", default=8192, help="Draft vocabulary: the target's most frequent predictions "
@@ -55,17 +58,34 @@ def calibrate(target: str, corpus: str, task: str, limit: int, max_tokens: int, 
 @click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 @click.option("--seed", default=0)
 def distill(**options) -> None:
-    """Distill a small drafter sharing TARGET's tokenizer from TARGET's own predictions.
+    """Distill a drafter for TARGET from TARGET's own predictions: a small model sharing its tokenizer, or a
+    feature head (--kind head) that drafts from its features.
 
     \b
       cmsd-jobs distill --target smollm2 --corpus xsum.jsonl --corpus wmt21_en_de.jsonl --out drafters/smollm2-2l
+      cmsd-jobs distill --kind head --corpus xsum.jsonl --corpus cnn_dailymail.jsonl --out heads/smollm2
 
-    OUT is an ordinary Hugging Face model directory (plus draft_vocab.json and a README.md card), usable as
-    `--drafter OUT` anywhere; an interrupted run resumes from OUT/work.
+    OUT is an ordinary directory, usable as `--drafter OUT` anywhere: a Hugging Face model (plus draft_vocab.json),
+    or with --kind head head.json and head.safetensors; each with a README.md card and distill.json. An
+    interrupted run resumes from OUT/work.
     """
     from jobs.train.distill import DistillJob, run_distill
 
-    job = DistillJob(**options)
+    job = DistillJob(**options, command=_command_line(click.get_current_context()))
     card = run_distill(job)
     click.echo(card)
     click.echo(f"saved {job.out} (use it as --drafter {job.out})")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command that reproduces this run: the options given (not their defaults), as typed."""
+    import shlex
+
+    words = ["cmsd-jobs", ctx.info_name or "distill"]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) in (click.core.ParameterSource.DEFAULT, None):
+            continue
+        values = ctx.params[param.name]
+        for value in values if isinstance(values, tuple) else (values,):
+            words += [param.opts[0], str(value)]
+    return " ".join(shlex.quote(w) for w in words)

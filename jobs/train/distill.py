@@ -36,9 +36,10 @@ class DistillJob:
     """What `cmsd-jobs distill` was asked: its options, whose defaults and help are in jobs/cli/train.py (one place)."""
 
     target: str
+    kind: str  # model: a small model that drafts alone; head: a feature head on the target's features (cmsd.head)
     corpora: tuple[str, ...]
     out: Path  # the drafter directory; OUT/work keeps the stages and the checkpoint
-    layers: int  # the target's first layers-1 and its last
+    layers: int | None  # model: the target's first layers-1 and its last (default 2); head: its layers (default 1)
     steps: int
     minutes: float | None  # stop training after this long, whatever `steps` says
     draft_vocab: int  # 0 = the full vocabulary
@@ -54,6 +55,7 @@ class DistillJob:
     top_k: int
     device: str
     seed: int
+    command: str = "cmsd-jobs distill"  # the command line that reproduces the run (for the card)
 
 
 def run_distill(job: DistillJob) -> str:
@@ -66,7 +68,9 @@ def run_distill(job: DistillJob) -> str:
     from cmsd.distill import (DistillSettings, TeacherData, draft_vocabulary, evaluate, init_drafter,
                               save_drafter, teacher_targets, train)
 
-    target, corpora, out, layers, steps = job.target, job.corpora, job.out, job.layers, job.steps
+    head_kind = job.kind == "head"
+    target, corpora, out, steps = job.target, job.corpora, job.out, job.steps
+    layers = job.layers or (1 if head_kind else 2)
     task, holdout, docs, text_docs, eval_docs = job.task, job.holdout, job.docs, job.text_docs, job.eval_docs
     new_tokens, seq_len, top_k, draft_vocab = job.new_tokens, job.seq_len, job.top_k, job.draft_vocab
     try:
@@ -83,23 +87,38 @@ def run_distill(job: DistillJob) -> str:
     except ModelError as err:
         raise BadInput(str(err)) from err
     tok = pair.tokenizer
-    if not 1 <= layers < pair.target.model.config.num_hidden_layers:
-        raise BadInput(f"--layers must be between 1 and {pair.target.model.config.num_hidden_layers - 1}")
+    total = pair.target.model.config.num_hidden_layers
+    if not 1 <= layers < total:
+        raise BadInput(f"--layers must be between 1 and {total - 1}")
+    if head_kind:
+        from cmsd.head import check_head_target
+
+        try:
+            check_head_target(pair.target.model)
+        except ModelError as err:
+            raise BadInput(str(err)) from err
     rows = {path: _rows(path, task, tok, holdout + docs + text_docs, seq_len - new_tokens) for path in corpora}
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     say = _say(started)
+    stage_seconds: dict[str, float] = {}
+    reused = [0.0]  # seconds of stages an earlier run of this command spent
 
     def stage(name: str, build) -> TeacherData:  # each stage's data is kept in OUT/work: a rerun resumes
-        path = work / f"{name}.pt"
+        path, timing = work / f"{name}.pt", work / f"{name}.seconds"
         if path.is_file():
             say(f"{name}: reusing {path}")
+            spent = float(timing.read_text()) if timing.is_file() else 0.0
+            stage_seconds[name], reused[0] = spent, reused[0] + spent  # a resumed run still reports all its time
             return TeacherData.load(path)
+        began = time.perf_counter()
         seqs = build()
         with _bar(sum(len(s) for s in seqs.ids), f"{name}: target distributions", "tok") as bar:
             data = teacher_targets(pair.target.model, seqs.ids, seqs.answer_starts, top_k,
-                                   progress=bar.update)
+                                   progress=bar.update, features=head_kind)
         data.save(path)
+        stage_seconds[name] = time.perf_counter() - began
+        timing.write_text(str(stage_seconds[name]))
         return data
 
     def generated(part: slice) -> Sequences:
@@ -116,38 +135,111 @@ def run_distill(job: DistillJob) -> str:
     gen = stage("generated", lambda: generated(slice(holdout, holdout + docs)))
     text = stage("text", lambda: texts(slice(holdout + docs, holdout + docs + text_docs)))
     data = gen + text
+    started -= reused[0]  # the total a resumed run reports includes its earlier runs' stages
     if not data.seqs:
         raise BadInput("no training rows: the corpora have no rows after the held-out ones")
     vocab = draft_vocabulary(data, draft_vocab, pair.target.model.config.vocab_size, eos_ids(pair.target))
+    say(f"training on {data.tokens} tokens ({len(data.seqs)} sequences), draft vocabulary {len(vocab)} ids")
+    if head_kind:
+        return _train_head(job, pair, data, held, vocab, settings, layers, rows, held_rows, work, started,
+                           stage_seconds, say)
     student = init_drafter(pair.target.model, layers)
     before = evaluate(student, vocab, held)
     say(f"before training: held-out agreement {before.agreement:.3f}, tokens/call at k=4 "
         f"{before.tokens_per_call:.2f}, KL {before.kl:.3f}")
-    say(f"training on {data.tokens} tokens ({len(data.seqs)} sequences), draft vocabulary {len(vocab)} ids")
+    state, earlier = _train(steps, lambda progress: train(student, data, vocab, settings, progress,
+                                                 checkpoint=work / "checkpoint.pt"))
+    after = evaluate(student, vocab, held)
+    say(f"after {state.step} steps: held-out agreement {after.agreement:.3f}, tokens/call at k=4 "
+        f"{after.tokens_per_call:.2f}, KL {after.kl:.3f}, draft-vocabulary coverage {after.coverage:.3f}")
+    per_corpus = _per_corpus(rows, held_rows, held, lambda part: asdict(evaluate(student, vocab, part)))
+    meta = {**_meta(job, layers, state, data, settings, started - earlier, stage_seconds),
+            "heldout_before": asdict(before),
+            "heldout": asdict(after), "heldout_per_corpus": per_corpus}
+    card = _card(meta, len(vocab))
+    save_drafter(student, tok, vocab, out, card, meta)
+    (out / "distill.json").write_text(json.dumps(meta, indent=2))
+    return card
+
+
+def _train(steps: int, run):
+    """Run `run(progress)` under a training progress bar; returns its TrainState and the seconds of training that
+    earlier (interrupted) runs did before it resumed."""
+    began = time.perf_counter()
     with _bar(steps, "training", "step") as bar:
         def step(n: int, shown: dict[str, float]) -> None:
             bar.set_postfix(shown, refresh=False)
             bar.update(n)
 
-        state = train(student, data, vocab, settings, step, checkpoint=work / "checkpoint.pt")
-    after = evaluate(student, vocab, held)
-    say(f"after {state.step} steps: held-out agreement {after.agreement:.3f}, tokens/call at k=4 "
-        f"{after.tokens_per_call:.2f}, KL {after.kl:.3f}, draft-vocabulary coverage {after.coverage:.3f}")
-    per_corpus, start = {}, 0
-    for path, corpus_rows in rows.items():  # the held-out sequences are in corpus order
+        state = run(step)
+    return state, max(0.0, state.seconds - (time.perf_counter() - began))
+
+
+def _per_corpus(rows: dict, held_rows: slice, held, score) -> dict:
+    """score(part) of each corpus's held-out sequences (they are in corpus order)."""
+    out, start = {}, 0
+    for path, corpus_rows in rows.items():
         count = len(corpus_rows[held_rows])
-        per_corpus[path] = asdict(evaluate(student, vocab, held.part(start, start + count)))
+        out[path] = score(held.part(start, start + count))
         start += count
-    meta = {"target": target, "corpora": list(corpora), "layers": layers, "steps": state.step,
-            "train_tokens": data.tokens, "train_sequences": len(data.seqs), "train_minutes": state.seconds / 60,
-            "total_minutes": (time.perf_counter() - started) / 60, "settings": asdict(settings),
-            "heldout_before": asdict(before), "heldout": asdict(after), "heldout_per_corpus": per_corpus,
+    return out
+
+
+def _meta(job: DistillJob, layers: int, state, data, settings, started: float, stages: dict) -> dict:
+    return {"target": job.target, "kind": job.kind, "corpora": list(job.corpora), "layers": layers,
+            "steps": state.step, "train_tokens": data.tokens, "train_sequences": len(data.seqs),
+            "train_minutes": state.seconds / 60, "total_minutes": (time.perf_counter() - started) / 60,
+            "stage_minutes": {name: seconds / 60 for name, seconds in stages.items()},
+            "settings": asdict(settings), "command": job.command,
             "loss_first": state.losses[0] if state.losses else None,
             "loss_last": sum(state.losses[-20:]) / len(state.losses[-20:]) if state.losses else None}
-    card = _card(meta, len(vocab))
-    save_drafter(student, tok, vocab, out, card, meta)
-    (out / "distill.json").write_text(json.dumps(meta, indent=2))
+
+
+def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int, rows: dict, held_rows: slice,
+                work: Path, started: float, stage_seconds: dict, say) -> str:
+    """The feature-head branch of run_distill: train, score held out (teacher forced, and decoding the held-out
+    prompts with the head: tokens per target call), save the head directory."""
+    from cmsd.head import FeatureHead, evaluate_head, train_head
+
+    head = FeatureHead(pair.target.model, layers, vocab, name=str(job.out))
+    before = evaluate_head(head, held)
+    say(f"before training: held-out first-token acceptance {before.acceptance:.3f}, KL {before.kl:.3f}")
+    state, earlier = _train(job.steps, lambda progress: train_head(head, data, settings, progress,
+                                                          checkpoint=work / "checkpoint.pt"))
+    after = evaluate_head(head, held)
+    say(f"after {state.step} steps: held-out first-token acceptance {after.acceptance:.3f}, KL {after.kl:.3f}, "
+        f"draft-vocabulary coverage {after.coverage:.3f}")
+    calls = _head_calls(pair, head, held, job.new_tokens, say)
+    per_corpus = _per_corpus(rows, held_rows, held, lambda part: asdict(evaluate_head(head, part)))
+    meta = {**_meta(job, layers, state, data, settings, started - earlier, stage_seconds),
+            "heldout_before": asdict(before),
+            "heldout": {**asdict(after), **calls}, "heldout_per_corpus": per_corpus,
+            "draft_vocab": len(vocab)}
+    card = _head_card(meta)
+    head.save(job.out, job.target, meta, card)
+    (job.out / "distill.json").write_text(json.dumps(meta, indent=2))
     return card
+
+
+def _head_calls(pair, head, held, new_tokens: int, say) -> dict:
+    """Decode the held-out prompts with the head (strict cmasd, batch 1, the decoder's own chain lengths): the
+    target's output, so tokens per target call and acceptance are what a job would see."""
+    from cmsd import DecodeSettings, Decoder, ModelPair
+
+    prompts = [seq[:start].tolist() for seq, start in zip(held.seqs, held.answer_starts)]
+    decoder = Decoder(ModelPair(pair.target, head), DecodeSettings(method="cmasd", verify="strict",
+                                                                   max_new_tokens=new_tokens, batch_size=1,
+                                                                   trace=False))
+    with _bar(len(prompts), "held-out decoding with the head", "doc") as bar:
+        gens = decoder.generate_ids(prompts, progress=bar.update)
+    new = sum(g.stats.new_tokens for g in gens)
+    calls = sum(g.stats.target_calls for g in gens)
+    drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
+    out = {"tokens_per_call": new / max(calls, 1), "draft_acceptance": accepted / max(drafted, 1),
+           "drafted_per_call": drafted / max(calls, 1), "decoded_docs": len(prompts)}
+    say(f"held-out decoding: {out['tokens_per_call']:.2f} tokens per target call, {out['draft_acceptance']:.3f} of "
+        f"drafted tokens accepted")
+    return out
 
 
 def _rows(path: str, task: str, tokenizer: Any, wanted: int, budget: int) -> list[tuple[list[int], str | None]]:
@@ -240,4 +332,63 @@ Held out, per corpus:
 {per_corpus}
 
 Use: `cmsd-jobs submit --drafter DIR ...` or `cmsd.load_pair(target, drafter="DIR")`.
+"""
+
+
+DATA_LICENCES = {  # ../shared/data/README.md: where each set comes from and its licence
+    "cnn_dailymail": "CNN/DailyMail test documents via artidoro/frank (MIT repository)",
+    "xsum": "XSum test documents via artidoro/frank (MIT repository)",
+    "wmt16_en_ro": "WMT16 en-ro sample from huggingface/transformers (Apache-2.0)",
+    "wmt21_en_de": "WMT21 news test set, newstest2021 (licence not stated)",
+    "multi30k_en_de": "Multi30k Task 1 test 2016 (licence not stated; images for non-commercial research use)",
+    "dialogsum": "DialogSum test set (CC BY-NC-SA 4.0)",
+}
+
+
+def _head_card(meta: dict) -> str:
+    h, b = meta["heldout"], meta["heldout_before"]
+    names = [Path(c).name.split(".")[0] for c in meta["corpora"]]
+    data = "\n".join(f"- `{Path(c).name}`: {DATA_LICENCES.get(n, 'see the corpus for its licence')}"
+                     for c, n in zip(meta["corpora"], names))
+    per_corpus = "\n".join(f"| {Path(name).name} | {c['acceptance']:.3f} | {c['kl']:.3f} | {c['positions']} |"
+                           for name, c in meta["heldout_per_corpus"].items())
+    return f"""---
+base_model: {meta['target']}
+tags: [speculative-decoding, drafter, eagle, feature-head, cmsd]
+---
+# Feature head for {meta['target']}
+
+A feature head (cmsd.head) for speculative decoding with `{meta['target']}`: it drafts token t+2 from the target's
+feature at t and the embedding of token t+1 through a fusing linear layer, {meta['layers']} decoder layer(s) shaped like
+the target's (started from its last), its final norm and its frozen LM head over {meta['draft_vocab']} draft ids, and keeps
+drafting from its own output features. Trained on the target's features and top-{meta['settings']['top_k']}
+next-token distributions (teacher forced, with feature noise), by
+
+    {meta['command']}
+
+Use: `cmsd-jobs submit --drafter DIR ...` (`--drafter head` for the head shipped with cmsd). It is refused for any
+other target than the one it was trained for.
+
+| | |
+| --- | --- |
+| training | {meta['steps']} steps, {meta['train_tokens']} positions in {meta['train_sequences']} sequences, {meta['train_minutes']:.1f} min (whole run {meta['total_minutes']:.1f} min) |
+| loss | {meta['loss_first'] or 0:.3f} first step, {meta['loss_last'] or 0:.3f} last 20 steps |
+| held-out first-token acceptance (top-1 of q at t+2 == the target's, on its own continuations) | {h['acceptance']:.3f} (before training {b['acceptance']:.3f}; all positions {h['acceptance_all']:.3f}) |
+| held-out KL(target \\|\\| head) | {h['kl']:.3f} (before {b['kl']:.3f}) |
+| held-out acceptance where the head's top-1 probability is >= 0.5 | {h['confident_acceptance']:.3f} (on {h['confident_share']:.1%} of positions) |
+| held-out decoding, strict cmasd, batch 1: tokens per target call | {h['tokens_per_call']:.2f} ({h['drafted_per_call']:.2f} drafted per call, {h['draft_acceptance']:.3f} of them accepted; {h['decoded_docs']} documents) |
+| target's continuation tokens inside the draft vocabulary | {h['coverage']:.3f} |
+| held-out positions scored | {h['positions']} |
+
+Held out, per corpus (the first rows of each, never trained on):
+
+| corpus | first-token acceptance | KL | positions |
+| --- | --- | --- | --- |
+{per_corpus}
+
+## Training data
+
+Only the data below (from the project's evaluation sets; their licences as stated by their origins):
+
+{data}
 """

@@ -51,6 +51,26 @@ def test_the_wall_clock_measures_a_real_model_pass() -> None:
     assert len(costs) == 4 and costs[0] == 1.0 and all(c > 0 for c in costs) and counts <= {1, 2, 3, 4}
 
 
+def test_wall_clock_measurements_are_kept_on_disk_per_machine_and_model(tmp_path, monkeypatch) -> None:
+    """A measurement timed by the wall clock is written to $CMSD_CACHE/kernels and read back by the next process
+    (here: the in-process cache emptied and the timing made to fail), for the same model only."""
+    monkeypatch.setenv("CMSD_CACHE", str(tmp_path))
+    model = tiny_llama(seed=3)
+    with timed_by(kernels.wall_clock):
+        costs, counts = forward_costs(model, 3), small_row_counts(model, 3)
+        assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
+        kernels._costs.pop(model), kernels._counts.pop(model)
+
+        def not_again(*args):
+            raise AssertionError("measured again")
+
+        monkeypatch.setattr(kernels, "_time_forwards", not_again)
+        monkeypatch.setattr(kernels, "_time_small_rows", not_again)
+        assert forward_costs(model, 3) == costs and small_row_counts(model, 3) == counts
+        with pytest.raises(AssertionError, match="measured again"):  # another model (other weights): its own
+            forward_costs(tiny_llama(seed=4), 3)
+
+
 def test_small_rows_swaps_linear_layers_only_inside_the_block() -> None:
     model = tiny_llama()
     kernels._counts[model] = {8: frozenset({2})}  # as if (W @ x.T).T had been timed faster for 2 rows

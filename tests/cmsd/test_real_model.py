@@ -30,17 +30,22 @@ def _documents(count: int = 16) -> list[dict]:
     return sorted(rows, key=lambda r: len(r["source"]))[:count]
 
 
+def _transformers_greedy(pair, prompts: list[str]) -> list[list[int]]:
+    reference = []
+    for prompt in prompts:
+        ids = pair.tokenizer(prompt, return_tensors="pt")
+        out = pair.target.model.generate(**ids, max_new_tokens=NEW, do_sample=False, num_beams=1)
+        reference.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    return reference
+
+
 def test_strict_cmasd_with_ngram_equals_transformers_greedy(smollm2_ngram) -> None:
     pair = smollm2_ngram
     template = PromptTemplate("summarization")
     docs = _documents()  # 16: on a 2-core EPYC this test alone took 230-290 s with 20 (40 % of it the reference)
     assert len(docs) >= 16
     prompts = [template.render(pair.tokenizer, d["source"]) for d in docs]
-    reference = []
-    for prompt in prompts:
-        ids = pair.tokenizer(prompt, return_tensors="pt")
-        out = pair.target.model.generate(**ids, max_new_tokens=NEW, do_sample=False, num_beams=1)
-        reference.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    reference = _transformers_greedy(pair, prompts)
     for batch in (1, 8):
         settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", verify="strict", max_new_tokens=NEW, batch_size=batch)
         gens = Decoder(pair, settings).generate(prompts, [d["id"] for d in docs])
@@ -109,3 +114,22 @@ def test_a_drafter_distilled_from_smollm2_drafts_and_stays_lossless(smollm2_ngra
         gens = Decoder(distilled, DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=24, batch_size=batch)).generate(prompts)
         assert [g.token_ids for g in gens] == [g.token_ids for g in greedy]
         assert sum(g.stats.drafted for g in gens) > 0
+
+
+def test_strict_with_the_shipped_head_equals_transformers_greedy(smollm2_ngram) -> None:
+    """`--drafter head`: the feature head shipped for SmolLM2 drafts from its features; strict output is exact and
+    its drafts are accepted."""
+    from cmsd.models import ModelPair, load_drafter
+
+    pair = ModelPair(smollm2_ngram.target, load_drafter(smollm2_ngram.target, "head"))
+    template = PromptTemplate("summarization")
+    docs = _documents(6)
+    prompts = [template.render(pair.tokenizer, d["source"]) for d in docs]
+    reference = _transformers_greedy(pair, prompts)
+    for batch, method in ((1, "cmasd"), (4, "specdec")):
+        settings = DecodeSettings(verify_tokens=UNCAPPED, method=method, verify="strict", max_new_tokens=NEW,
+                                  batch_size=batch)
+        gens = Decoder(pair, settings).generate(prompts)
+        assert [g.token_ids for g in gens] == reference, f"batch {batch} {method}"
+        drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
+        assert drafted > 0 and accepted / drafted > 0.05, (batch, accepted, drafted)

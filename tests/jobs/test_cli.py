@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cmsd.head import SHIPPED
 from jobs.cli import main
 from tests.raytest import articles, write_jsonl
 
@@ -55,6 +56,8 @@ def submit(tmp_path: Path, *args: str) -> tuple[int, str]:
     (["--reference-field", "gold"], "no field 'gold'"),
     (["--target", "nobody/no-such-model"], "cannot load model 'nobody/no-such-model'"),
     (["--drafter", "/no/such/drafter"], "cannot load model '/no/such/drafter'"),
+    (["--drafter", "head"], "the shipped heads were trained for: 'smollm2'"),
+    (["--drafter", str(SHIPPED / "smollm2")], "was trained for target 'smollm2' (llama/576/30/49152)"),
     (["--method", "fast"], "method must be one of"),
     (["--set", "decode.control.k_max=0"], "k_max"),
     (["--set", "execution.colour=red"], "execution.colour"),

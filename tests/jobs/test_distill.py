@@ -41,6 +41,28 @@ def test_distill_builds_a_drafter_directory(tmp_path: Path, tiny_target: Path) -
     assert "reusing" in rerun.output and json.loads((out / "distill.json").read_text())["steps"] == 8
 
 
+def test_distill_kind_head_builds_a_head_directory(tmp_path: Path, tiny_target: Path) -> None:
+    corpus = write_jsonl(tmp_path / "news.jsonl", articles(8))
+    out = tmp_path / "head"
+    args = distill_args(corpus, out, "--kind", "head")
+    args[2] = str(tiny_target)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "distill.json").read_text())
+    assert meta["kind"] == "head" and meta["steps"] == 6 and "--kind head" in meta["command"]
+    held = meta["heldout"]
+    assert held["positions"] > 0 and 0 <= held["acceptance"] <= 1 and held["tokens_per_call"] >= 1.0
+    assert held["kl"] < meta["heldout_before"]["kl"]
+    assert set(meta["stage_minutes"]) == {"heldout", "generated", "text"}
+    assert {p.name for p in out.iterdir()} >= {"head.json", "head.safetensors", "README.md", "work"}
+    card = (out / "README.md").read_text()
+    assert "first-token acceptance" in card and "news.jsonl" in card and meta["command"] in card
+    from cmsd import load_pair
+
+    pair = load_pair(str(tiny_target), str(out))  # a head directory is a --drafter
+    assert type(pair.drafter).__name__ == "FeatureHead"
+
+
 @pytest.mark.parametrize("change, message", [
     (["--layers", "2"], "--layers must be between 1 and 1"),
     (["--new-tokens", "120"], "--new-tokens 120 leaves no room"),

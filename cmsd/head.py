@@ -1,0 +1,423 @@
+"""A feature head: a drafter coupled to the target's own features (EAGLE-style; DESIGN.md "Drafters").
+
+The head drafts token t+2 from the target's feature at t (what its LM head reads: the last layer's hidden state
+after the final norm) and the embedding of token t+1:
+
+    g_{t+1} = norm(layers(fc([f_t ; emb(x_{t+1})])))      layers: one (or a few) decoder layers shaped like the target's
+    q(x_{t+2}) = softmax(lm_head(g_{t+1}))                the target's embedding and LM head, frozen (draft vocabulary)
+
+and keeps drafting in feature space: the next step reads (g_{t+1}, the drafted token). It has its own small KV
+cache (a HoleyState over its layers), rolled back with the target's. The target's features come from the verify
+pass the decoder runs anyway (HoleyState.tap), so the head adds no target work. Each iteration, the head first
+takes in the target's real features of the tokens just accepted (one forward over them), whose last output drafts
+the first token; every further drafted token is one more head step.
+
+A head is a directory: head.json (its configuration, the target it was trained for, the draft vocabulary) and
+head.safetensors (fc and the layers; the embedding and the LM head are the target's), plus a model card.
+`cmsd-jobs distill --kind head` trains one (jobs/train/distill.py); `load_head` loads one for a target.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, DynamicCache, PreTrainedModel
+from safetensors.torch import load_file, save_file
+
+from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData, TrainState, _batches, _pad,
+                          soft_targets, train_loop, vocab_index)
+from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer
+from cmsd.kv import HoleyState
+from cmsd.models import ModelError, fingerprint, target_shape
+from cmsd.settings import ConfidenceSettings
+
+HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
+SHIPPED = Path(__file__).parent / "heads"  # heads that ship with cmsd, one directory per default target
+FEATURE_NOISE = 0.1  # training adds Gaussian noise of this many feature standard deviations to the input features:
+#                      drafting past the first token reads the head's own (inexact) features
+
+
+class HeadError(ModelError):
+    """A head that cannot be used with this target."""
+
+
+def check_head_target(model: PreTrainedModel) -> None:
+    body = getattr(model, "model", None)
+    if model.config.is_encoder_decoder or body is None or not all(
+            hasattr(body, n) for n in ("embed_tokens", "layers", "norm")):
+        raise HeadError(f"a feature head needs a Llama-style decoder-only target; {type(model).__name__} is not one")
+
+
+@dataclass
+class HeadInfo:
+    """head.json."""
+
+    target: str  # the name of the target it was trained for
+    target_fingerprint: str
+    layers: int
+    vocab: list[int]  # the draft vocabulary (empty: the whole vocabulary)
+    meta: dict  # how it was trained and what it measured (the card's numbers)
+    target_shape: str = ""  # target_shape() of the target it was trained for
+
+    @classmethod
+    def read(cls, path: Path) -> HeadInfo:
+        return cls(**json.loads((path / HEAD_CONFIG).read_text()))
+
+
+class FeatureHead(nn.Module):
+    """fc + decoder layers shaped like the target's + its final norm; the target's embedding and LM head."""
+
+    def __init__(self, target: PreTrainedModel, layers: int = 1, vocab: torch.Tensor | None = None,
+                 name: str = "head") -> None:
+        super().__init__()
+        check_head_target(target)
+        config = copy.deepcopy(target.config.get_text_config(decoder=True))
+        total = config.num_hidden_layers
+        if not 1 <= layers <= total:
+            raise HeadError(f"a head has between 1 and {total} layers (the target's), got {layers}")
+        config.num_hidden_layers, config.vocab_size, config.pad_token_id = layers, 1, None
+        for key in ("quantization_config", "layer_types"):
+            if hasattr(config, key):
+                delattr(config, key)
+        hidden = config.hidden_size
+        device, dtype = target.device, target.dtype
+        self.name, self.fingerprint, self.shape = name, fingerprint(target), target_shape(target)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False, device=device, dtype=dtype)
+        self.body = AutoModel.from_config(config).to(device=device, dtype=dtype)
+        self.body.embed_tokens = None  # the head reads fused features, never token ids
+        src = target.model
+        with torch.no_grad():  # start from the target's last layers and its final norm (shaped alike)
+            # f + s*e at first, s giving the token's embedding the feature's size (the feature is RMS-normed by the
+            # target's final norm: its size is that norm's weight; an embedding row is ~20x smaller in SmolLM2)
+            emb = target.get_input_embeddings().weight
+            scale = src.norm.weight.float().pow(2).mean().sqrt() / emb.float().pow(2).mean().sqrt()
+            eye = torch.eye(hidden, device=device, dtype=dtype)
+            self.fc.weight.copy_(torch.cat([eye, eye * scale.to(dtype)], 1))
+            for mine, theirs in zip(self.body.layers, src.layers[total - layers:]):
+                mine.load_state_dict(theirs.state_dict())
+            self.body.norm.load_state_dict(src.norm.state_dict())
+        full = target.get_input_embeddings().weight.shape[0]
+        self.vocab = (torch.arange(full) if vocab is None or len(vocab) == 0 else vocab.cpu()).long()
+        self.frozen = [target]  # the target's embedding and LM head, outside this module's parameters
+        self.lm_head = DraftVocabHead(target.get_output_embeddings().weight, self.vocab)
+        self.lm_head.requires_grad_(False)
+
+    @property
+    def config(self):
+        """The layers' configuration (cmsd.kernels.decode_kernels switches their attention)."""
+        return self.body.config
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.frozen[0].get_input_embeddings()
+
+    def fuse(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[..., H] features f_t and [...] tokens x_{t+1} -> [..., H] the layers' input."""
+        return self.fc(torch.cat([features.to(self.fc.weight.dtype), self.embed(tokens)], -1))
+
+    def run(self, features: torch.Tensor, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One pass of the layers: [B, W, H] features, [B, W] tokens -> [B, W, H] output features g."""
+        return self.body(inputs_embeds=self.fuse(features, tokens), **kwargs).last_hidden_state
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (outside the draft vocabulary a large negative value)."""
+        return self.lm_head(g)
+
+    def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary only (training)."""
+        return g @ self.lm_head.weight_sub.T
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def save(self, out: Path, target_name: str, meta: dict, card: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        full = len(self.vocab) == self.lm_head.vocab_size
+        info = HeadInfo(target_name, self.fingerprint, len(self.body.layers), [] if full else self.vocab.tolist(),
+                        meta, self.shape)
+        (out / HEAD_CONFIG).write_text(json.dumps(asdict(info)))
+        weights = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.trainable_state().items()}
+        save_file(weights, str(out / HEAD_WEIGHTS))
+        (out / "README.md").write_text(card)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
+
+
+def is_head_dir(path: str | Path) -> bool:
+    return (Path(path) / HEAD_CONFIG).is_file()
+
+
+def shipped_head(target: PreTrainedModel, by_shape: bool = False) -> Path:
+    """The head shipped with cmsd for this target (`--drafter head`); by_shape: for a target of its shape (a model
+    whose weights are not loaded: the submit-time check; load_head checks the weights)."""
+    heads = sorted(p for p in SHIPPED.iterdir() if is_head_dir(p)) if SHIPPED.is_dir() else []
+    infos = {p: HeadInfo.read(p) for p in heads}
+    mine = target_shape(target) if by_shape else fingerprint(target)
+    for path, info in infos.items():
+        if (info.target_shape if by_shape else info.target_fingerprint) == mine:
+            return path
+    trained = ", ".join(f"{info.target!r}" for info in infos.values()) or "none"
+    raise HeadError(f"no feature head ships for this target (the shipped heads were trained for: {trained}); train "
+                    "one with `cmsd-jobs distill --kind head` and pass its directory as --drafter")
+
+
+def check_head_shape(path: str | Path, target: PreTrainedModel) -> None:
+    """Refuse (HeadError) a head directory trained for a target of another shape, from the target's config only."""
+    info = HeadInfo.read(Path(path))
+    check_head_target(target)
+    if info.target_shape and info.target_shape != target_shape(target):
+        raise _other_target(path, info, target_shape(target))
+
+
+def _other_target(path: str | Path, info: HeadInfo, mine: str) -> HeadError:
+    return HeadError(f"head {path} was trained for target {info.target!r} ({info.target_shape or 'fingerprint '}"
+                     f"{'' if info.target_shape else info.target_fingerprint}), not for this one ({mine}): train a "
+                     "head for it with `cmsd-jobs distill --kind head`")
+
+
+def load_head(path: str | Path, target: PreTrainedModel) -> FeatureHead:
+    """A head directory for a loaded target; refused (HeadError) when it was trained for another target."""
+    path = Path(path)
+    info = HeadInfo.read(path)
+    check_head_target(target)
+    if info.target_fingerprint != fingerprint(target):
+        raise _other_target(path, info, f"{target_shape(target)}, fingerprint {fingerprint(target)}")
+    vocab = torch.tensor(info.vocab, dtype=torch.long) if info.vocab else None
+    head = FeatureHead(target, info.layers, vocab, name=str(path))
+    weights = load_file(str(path / HEAD_WEIGHTS))
+    head.load_state_dict({k: v.to(target.dtype) for k, v in weights.items()}, strict=False)
+    head.info = info
+    return head.eval()
+
+
+# -- drafting ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class HeadPrompt:
+    """What the head prefills for a row: the target's features f_0..f_{n-1} and the tokens x_1..x_n after them."""
+
+    features: torch.Tensor  # [n, H]
+    tokens: torch.Tensor  # [n]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class HeadState(HoleyState):
+    """The head's own KV cache: a HoleyState over its layers, fed features and tokens (not token ids)."""
+
+    def __init__(self, head: FeatureHead, prompts: list[HeadPrompt], capacity: int) -> None:
+        self.head = head
+        self.last = torch.zeros(len(prompts), head.fc.out_features, device=head.fc.weight.device,
+                                dtype=head.fc.weight.dtype)  # [B, H] the head's output at each row's last entry
+        super().__init__(head.body, prompts, capacity)
+
+    def _prefill(self, row: int, prompt: HeadPrompt, cache: DynamicCache) -> None:
+        g = self.head.run(prompt.features[None], prompt.tokens[None], past_key_values=cache, use_cache=True)
+        self.last[row] = g[0, -1]
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor,  # type: ignore[override]
+             features: torch.Tensor) -> torch.Tensor:
+        """features [B, W, H], tokens, valid [B, W] -> the head's output features g [B, W, H]."""
+        positions = self.append_slots(valid)
+        return self.head.run(features, tokens, attention_mask=self.mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True)
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.last = self.last[rows]
+
+
+class HeadDrafter(Drafter):
+    """Drafts chains with a FeatureHead from the features of `target` (a HoleyState with tap on)."""
+
+    def __init__(self, head: FeatureHead, target: HoleyState, prompts: list[list[int]], capacity: int,
+                 conf: ConfidenceSettings, sampler: Sampler) -> None:
+        assert target.tap, "the target state must keep its features"
+        self.head, self.target, self.conf_settings, self.sampler = head, target, conf, sampler
+        device = target.mask.device
+        self.state = HeadState(head, [self._prompt(r, p) for r, p in enumerate(prompts)], capacity)
+        batch, hidden = len(prompts), head.fc.out_features
+        self.ready = torch.tensor([len(p) > 1 for p in prompts], device=device)  # [B] state.last is a real output
+        # target features and tokens accepted since the head last ran (it catches up when it next drafts)
+        self.pending = torch.zeros(batch, 0, hidden, device=device, dtype=self.state.last.dtype)  # [B, P, H]
+        self.pending_tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.pending_ok = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.caught_up = torch.zeros(batch, dtype=torch.long, device=device)  # entries fed by this propose's catch-up
+        self.tokens = self.pending_tokens  # this iteration's drafted tokens [B, K]
+
+    def _prompt(self, row: int, prompt: list[int]) -> HeadPrompt:
+        """The target prefilled prompt[:-1]: its features f_0..f_{n-2} go with the tokens x_1..x_{n-1}."""
+        features = self.target.prefilled.pop(row, None)
+        if features is None:
+            features = self.state_dtype_empty()
+        return HeadPrompt(features, torch.tensor(prompt[1:len(features) + 1], device=self.target.mask.device))
+
+    def state_dtype_empty(self) -> torch.Tensor:
+        weight = self.head.fc.weight
+        return torch.zeros(0, weight.shape[0], device=self.target.mask.device, dtype=weight.dtype)
+
+    @torch.inference_mode()
+    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+        batch, device = len(k), self.pending.device
+        k = k.to(device)
+        active = (k > 0) & (self.ready | self.pending_ok.any(1))
+        width = int(k[active].max()) if bool(active.any()) else 0
+        self.caught_up.zero_()
+        if width == 0:
+            self.tokens = self.pending_tokens[:, :0]
+            return Draft.empty(batch, device)
+        if self.pending.shape[1]:  # catch up on the target's real features: the last output drafts the first token
+            g = self.state.feed(self.pending_tokens, self.pending_ok, self.pending)
+            last = (self.pending_ok.long() * torch.arange(self.pending_ok.shape[1], device=device)).argmax(1)
+            fed = self.pending_ok.any(1)
+            self.state.last = torch.where(fed[:, None], g[torch.arange(batch, device=device), last], self.state.last)
+            self.caught_up = self.pending_ok.sum(1)
+            self.ready |= fed
+            self._clear_pending()
+        buf = _DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
+        g = self.state.last
+        for j in range(width):
+            x, active, done = buf.take(j, self.head.logits(g).float(), active, k, keep, self.conf_settings,
+                                       self.sampler)
+            if done:
+                break
+            g = self.state.feed(x[:, None], active[:, None], g[:, None])[:, 0]
+        self.tokens = buf.tokens
+        return buf.draft()
+
+    def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
+        assert path is None, "a head drafts chains"
+        self.state.commit(self.caught_up)  # the catch-up stays; the entries of drafted tokens are rolled back
+        features = self.target.features  # [B, 1 + K, H]: the pending token's and the drafts' features
+        width = features.shape[1]
+        tokens = torch.zeros(len(accepted), width, dtype=torch.long, device=accepted.device)
+        drafted = min(self.tokens.shape[1], width)
+        tokens[:, :drafted] = self.tokens[:, :drafted]
+        tokens.scatter_(1, accepted[:, None], next_token[:, None])  # after the accepted drafts, the target's token
+        ok = torch.arange(width, device=accepted.device) <= accepted[:, None]
+        self.pending = torch.cat([self.pending, features.to(self.pending.dtype)], 1)
+        self.pending_tokens = torch.cat([self.pending_tokens, tokens], 1)
+        self.pending_ok = torch.cat([self.pending_ok, ok], 1)
+
+    def _clear_pending(self) -> None:
+        self.pending, self.pending_tokens = self.pending[:, :0], self.pending_tokens[:, :0]
+        self.pending_ok = self.pending_ok[:, :0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.state.select(rows)
+        self.pending, self.pending_tokens, self.pending_ok = self.pending[rows], self.pending_tokens[rows], \
+            self.pending_ok[rows]
+        self.ready, self.caught_up, self.tokens = self.ready[rows], self.caught_up[rows], self.tokens[rows]
+
+    def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
+        self.state.refill(rows, [self._prompt(r, p) for r, p in zip(rows, prompts)])
+        index = torch.tensor(rows, device=self.pending.device)
+        self.pending_ok[index] = False
+        self.ready[index] = torch.tensor([len(p) > 1 for p in prompts], device=self.pending.device)
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+def head_inputs(data: TeacherData, rows: list[int], device: torch.device, noise: float = 0.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded [B, L-1] inputs of the rows' sequences: features f_0..f_{L-2} [B, L-1, H] (with noise), tokens
+    x_1..x_{L-1} and the attention mask."""
+    seqs = [data.seqs[i] for i in rows]
+    ids, mask = _pad([s[1:].tolist() for s in seqs], device)
+    width, hidden = ids.shape[1], data.features[rows[0]].shape[1]
+    feats = torch.zeros(len(rows), width, hidden, device=device)
+    for r, i in enumerate(rows):
+        f = data.features[i][:-1].float().to(device)
+        feats[r, :len(f)] = f
+    if noise:
+        scale = noise * feats[mask.bool()].std()
+        feats = feats + scale * torch.randn(feats.shape, generator=generator, device=device) * mask[..., None]
+    return feats, ids, mask
+
+
+def shifted(data: TeacherData, rows: list[int]) -> TeacherData:
+    """The teacher's data one position on: the head's output at t is scored against the target at t + 1."""
+    return TeacherData([data.seqs[i][1:] for i in rows], [max(0, data.answer_starts[i] - 1) for i in rows],
+                       [data.top_ids[i][1:] for i in rows], [data.top_p[i][1:] for i in rows],
+                       [data.features[i][1:] for i in rows])
+
+
+def head_loss(head: FeatureHead, data: TeacherData, rows: list[int], index: torch.Tensor,
+              generator: torch.Generator, feature_weight: float = 0.1) -> torch.Tensor:
+    """Soft cross-entropy from the target's distribution at t + 1 to the head's q from (f_t, x_{t+1}), plus a
+    smooth-L1 pull of g_{t+1} towards the target's feature f_{t+1} (EAGLE's two losses)."""
+    device = head.fc.weight.device
+    feats, ids, mask = head_inputs(data, rows, device, FEATURE_NOISE, generator)
+    g = head.run(feats, ids, attention_mask=mask)
+    nxt = shifted(data, rows)
+    cols, probs, counted = soft_targets(nxt, list(range(len(rows))), ids.shape[1], index, device)
+    counted = counted & mask.bool()
+    logp = torch.log_softmax(head.draft_logits(g).float(), -1)
+    ce = -((logp.gather(-1, cols) * probs).sum(-1) * counted).sum() / counted.sum().clamp(min=1)
+    truth, _, _ = head_inputs(nxt, list(range(len(rows))), device)
+    truth = torch.cat([truth, torch.zeros_like(truth[:, :1])], 1)[:, :g.shape[1]]  # f_{t+1}; the last has none
+    has = mask.bool().clone()
+    lengths = mask.sum(1)
+    has[torch.arange(len(rows)), (lengths - 1).clamp(min=0)] = False
+    reg = F.smooth_l1_loss(g.float()[has], truth[has], reduction="mean") if bool(has.any()) else g.sum() * 0
+    return ce + feature_weight * reg
+
+
+def train_head(head: FeatureHead, data: TeacherData, settings: DistillSettings, progress: Progress | None = None,
+               checkpoint: Path | None = None) -> TrainState:
+    index = vocab_index(head.vocab, head.lm_head.vocab_size)
+    head.embed.weight.requires_grad_(False)  # the target's: frozen
+    generator = torch.Generator(device=head.fc.weight.device).manual_seed(settings.seed)
+    return train_loop(head, data, settings, lambda rows: head_loss(head, data, rows, index, generator),
+                      progress, checkpoint)
+
+
+@dataclass
+class HeadHeldOut:
+    positions: int  # continuation positions scored
+    acceptance: float  # first-token acceptance: top-1 of q(x_{t+2} | f_t, x_{t+1}) == the target's, continuations
+    acceptance_all: float  # ... at every position, prompts included
+    kl: float  # KL(target || head) over the draft vocabulary, continuation positions
+    coverage: float  # share of the target's continuation tokens inside the draft vocabulary
+    confident_share: float = 0.0  # continuation positions where the head's top-1 probability is >= 0.5
+    confident_acceptance: float = 0.0
+
+
+@torch.inference_mode()
+def evaluate_head(head: FeatureHead, data: TeacherData) -> HeadHeldOut:
+    """Teacher-forced on held-out sequences (prompt + the target's greedy continuation): at each position the head
+    reads the target's real feature, as the first drafted token of every iteration does."""
+    device, was_training = head.fc.weight.device, head.training
+    head.eval()
+    index = vocab_index(head.vocab, head.lm_head.vocab_size)
+    hits = hits_all = positions = total = inside = sure = sure_hits = 0
+    kl = 0.0
+    for i in range(len(data.seqs)):
+        if len(data.seqs[i]) < 3:
+            continue
+        feats, ids, mask = head_inputs(data, [i], device)
+        logp = torch.log_softmax(head.draft_logits(head.run(feats, ids, attention_mask=mask)).float(), -1)[0]
+        nxt = shifted(data, [i])
+        theirs = nxt.top_ids[0][:, 0].long()[:len(logp)]  # the target's greedy token after x_{t+1}
+        mine = head.vocab.to(device)[logp.argmax(-1)].cpu()
+        match = mine == theirs
+        start = max(nxt.answer_starts[0] - 1, 0)  # continuation positions: the predicted token is generated
+        cont = match[start:]
+        cols, probs, counted = soft_targets(nxt, [0], len(logp), index, device)
+        p = (probs[0] * counted[0, :, None])[start:]
+        kl += float((p * (p.clamp(min=1e-12).log() - logp[start:].gather(-1, cols[0, start:]))).sum())
+        confident = (logp.max(-1).values.exp().cpu() >= 0.5)[start:]
+        hits, hits_all = hits + int(cont.sum()), hits_all + int(match.sum())
+        positions, total = positions + len(cont), total + len(match)
+        inside += int((index[theirs[start:]] >= 0).sum())
+        sure, sure_hits = sure + int(confident.sum()), sure_hits + int((cont & confident).sum())
+    head.train(was_training)
+    return HeadHeldOut(positions, hits / max(positions, 1), hits_all / max(total, 1), kl / max(positions, 1),
+                       inside / max(positions, 1), sure / max(positions, 1), sure_hits / max(sure, 1))

@@ -1,0 +1,94 @@
+"""The feature head (cmsd.head): strict decoding with it is the target's greedy output token for token, at every
+batch size and method; sampling and the relaxed rules run with it; its drafts are accepted and rolled back; a head
+is a directory that loads for its own target only. On the real model: tests/cmsd/test_real_model.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelError, ModelPair
+from cmsd.distill import DistillSettings, draft_vocabulary, teacher_targets
+from cmsd.head import FeatureHead, HeadError, evaluate_head, load_head, train_head
+from tests.tiny import UNCAPPED, greedy_reference, random_prompts, repetitive_prompts, tiny_bart, tiny_llama
+
+NEW = 16
+
+
+def _pair(target, head) -> ModelPair:
+    return ModelPair(LoadedModel("target", target, None), head)
+
+
+def _trained_head(target, seed: int = 0, steps: int = 40) -> FeatureHead:
+    """A head trained a little on the target's own features of repetitive prompts (its drafts are accepted)."""
+    torch.manual_seed(seed)
+    seqs = [torch.tensor(p + greedy_reference(target, p, NEW)) for p in repetitive_prompts(seed + 10, 12)]
+    data = teacher_targets(target, [s.tolist() for s in seqs], [len(s) - NEW for s in seqs], 4, features=True)
+    head = FeatureHead(target, 1, draft_vocabulary(data, 0, target.config.vocab_size, set()))
+    train_head(head, data, DistillSettings(steps=steps, batch_tokens=512, lr=3e-3, warmup=2))
+    return head.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_strict_with_a_head_equals_greedy(seed: int) -> None:
+    target = tiny_llama(seed=seed)
+    prompts = random_prompts(seed, 6) + repetitive_prompts(seed, 4)
+    expected = [greedy_reference(target, p, NEW) for p in prompts]
+    heads = {"untrained": FeatureHead(target, 1).eval(), "trained": _trained_head(target, seed)}
+    for name, head in heads.items():
+        for method in ("specdec", "adaptive-k", "cmasd", "cmasd+margin"):
+            for batch, k_max, continuous in ((1, 2, True), (3, 5, False), (8, 8, True)):
+                control = ControlSettings(k=min(k_max, 4), k_max=k_max, k_min=1)
+                settings = DecodeSettings(verify_tokens=UNCAPPED, method=method, verify="strict", max_new_tokens=NEW,
+                                          batch_size=batch, control=control, continuous=continuous)
+                got = [g.token_ids for g in Decoder(_pair(target, head), settings).generate_ids(prompts)]
+                assert got == expected, f"seed={seed} head={name} {method} batch={batch} k_max={k_max}"
+
+
+def test_a_trained_head_is_accepted_and_traced() -> None:
+    target = tiny_llama(seed=0)
+    head = _trained_head(target)
+    prompts = repetitive_prompts(99, 4)
+    held = teacher_targets(target, [p + greedy_reference(target, p, NEW) for p in prompts],
+                           [len(p) for p in prompts], 4, features=True)
+    untrained = evaluate_head(FeatureHead(target, 1, head.vocab), held)
+    assert evaluate_head(head, held).kl < untrained.kl  # training moved q towards the target on unseen prompts
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=NEW, batch_size=2)
+    gens = Decoder(_pair(target, head), settings).generate_ids(prompts)
+    drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
+    assert 0 < accepted < drafted and sum(g.stats.rollbacks for g in gens) > 0  # acceptance and rollback both run
+    assert all(g.trace is not None and len(g.trace["c"]) == g.stats.drafted for g in gens)
+
+
+@pytest.mark.parametrize("method, verify, temperature", [
+    ("specdec", "strict", 0.8), ("cmasd", "relaxed", 0.0), ("margin", "relaxed", 0.0),
+    ("cmasd+margin", "relaxed", 0.0), ("cmasd", "strict", 1.0)])
+def test_sampling_and_relaxed_rules_run_with_a_head(method: str, verify: str, temperature: float) -> None:
+    target = tiny_llama(seed=2)
+    head = _trained_head(target, 2, steps=20)
+    prompts = random_prompts(2, 5)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method=method, verify=verify, temperature=temperature,
+                              max_new_tokens=NEW, batch_size=3)
+    gens = Decoder(_pair(target, head), settings).generate_ids(prompts)
+    assert all(g.stats.new_tokens == NEW and len(g.token_ids) == NEW for g in gens)
+    assert sum(g.stats.drafted for g in gens) > 0
+    again = Decoder(_pair(target, head), settings).generate_ids(prompts)  # seeded: reproducible
+    assert [g.token_ids for g in again] == [g.token_ids for g in gens]
+
+
+def test_a_head_directory_loads_for_its_target_only(tmp_path: Path) -> None:
+    target = tiny_llama(seed=0)
+    head = _trained_head(target, steps=5)
+    head.save(tmp_path / "head", "tiny-0", {"note": "test"}, "# card\n")
+    loaded = load_head(tmp_path / "head", target)
+    assert torch.equal(loaded.vocab, head.vocab) and loaded.info.target == "tiny-0"
+    prompts = random_prompts(5, 3)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", max_new_tokens=NEW, batch_size=3)
+    assert [g.token_ids for g in Decoder(_pair(target, loaded), settings).generate_ids(prompts)] == \
+        [greedy_reference(target, p, NEW) for p in prompts]
+    with pytest.raises(HeadError, match="trained for target 'tiny-0'"):
+        load_head(tmp_path / "head", tiny_llama(seed=7))
+    with pytest.raises(ModelError, match="decoder-only"):
+        FeatureHead(tiny_bart(seed=0), 1)
