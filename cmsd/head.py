@@ -30,11 +30,11 @@ from torch import nn
 from transformers import AutoModel, DynamicCache, PreTrainedModel
 from safetensors.torch import load_file, save_file
 
-from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData, TrainState, _batches, _pad,
+from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData, TrainState, _pad,
                           soft_targets, train_loop, vocab_index)
 from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer
 from cmsd.kv import HoleyState
-from cmsd.models import ModelError, fingerprint, target_shape
+from cmsd.models import HEAD_DRAFTER, ModelError, fingerprint, target_shape
 from cmsd.settings import ConfidenceSettings
 
 HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
@@ -166,6 +166,11 @@ def shipped_head(target: PreTrainedModel, by_shape: bool = False) -> Path:
                     "one with `cmsd-jobs distill --kind head` and pass its directory as --drafter")
 
 
+def head_dir(drafter: str, target: PreTrainedModel, by_shape: bool = False) -> Path:
+    """The directory a head drafter names: "head" (cmsd.models.HEAD_DRAFTER) is the one shipped for `target`."""
+    return shipped_head(target, by_shape) if drafter == HEAD_DRAFTER else Path(drafter)
+
+
 def check_head_shape(path: str | Path, target: PreTrainedModel) -> None:
     """Refuse (HeadError) a head directory trained for a target of another shape, from the target's config only."""
     info = HeadInfo.read(Path(path))
@@ -254,14 +259,11 @@ class HeadDrafter(Drafter):
 
     def _prompt(self, row: int, prompt: list[int]) -> HeadPrompt:
         """The target prefilled prompt[:-1]: its features f_0..f_{n-2} go with the tokens x_1..x_{n-1}."""
+        weight = self.head.fc.weight  # a one-token prompt prefilled nothing: no features
         features = self.target.prefilled.pop(row, None)
         if features is None:
-            features = self.state_dtype_empty()
+            features = torch.zeros(0, weight.shape[0], device=weight.device, dtype=weight.dtype)
         return HeadPrompt(features, torch.tensor(prompt[1:len(features) + 1], device=self.target.mask.device))
-
-    def state_dtype_empty(self) -> torch.Tensor:
-        weight = self.head.fc.weight
-        return torch.zeros(0, weight.shape[0], device=self.target.mask.device, dtype=weight.dtype)
 
     @torch.inference_mode()
     def propose(self, k: torch.Tensor, keep: Keep) -> Draft:

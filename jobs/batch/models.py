@@ -28,7 +28,7 @@ class CheckedModels:
 def check_models(models: ModelSpec, decode: Any) -> CheckedModels:
     """Validate the target, the drafter and the decode settings together (decode: cmsd.DecodeSettings)."""
     from cmsd import Decoder, ModelError, ModelPair
-    from cmsd.head import check_head_shape, is_head_dir, shipped_head
+    from cmsd.head import check_head_shape, head_dir, is_head_dir
     from cmsd.models import HEAD_DRAFTER, MODEL_DRAFTER_KINDS, check_same_vocab
 
     name = models.drafter
@@ -36,8 +36,7 @@ def check_models(models: ModelSpec, decode: Any) -> CheckedModels:
     try:
         target = _inspect(models.target)
         if head:  # a feature head for this target (its weights are checked when a worker loads it)
-            check_head_shape(shipped_head(target.model, by_shape=True) if name == HEAD_DRAFTER else name,
-                             target.model)
+            check_head_shape(head_dir(name, target.model, by_shape=True), target.model)
         drafter = _inspect(name) if name is not None and name not in MODEL_DRAFTER_KINDS and not head else None
         if drafter is not None:
             check_same_vocab(target.tokenizer, drafter.tokenizer, name)

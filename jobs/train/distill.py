@@ -101,15 +101,15 @@ def run_distill(job: DistillJob) -> str:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     say = _say(started)
-    stage_seconds: dict[str, float] = {}
-    reused = [0.0]  # seconds of stages an earlier run of this command spent
+    stage_seconds: dict[str, float] = {}  # each stage's time, whichever run of this command spent it
+    reused: set[str] = set()  # the stages an earlier run did
 
     def stage(name: str, build) -> TeacherData:  # each stage's data is kept in OUT/work: a rerun resumes
         path, timing = work / f"{name}.pt", work / f"{name}.seconds"
         if path.is_file():
             say(f"{name}: reusing {path}")
-            spent = float(timing.read_text()) if timing.is_file() else 0.0
-            stage_seconds[name], reused[0] = spent, reused[0] + spent  # a resumed run still reports all its time
+            stage_seconds[name] = float(timing.read_text()) if timing.is_file() else 0.0
+            reused.add(name)
             return TeacherData.load(path)
         began = time.perf_counter()
         seqs = build()
@@ -135,7 +135,7 @@ def run_distill(job: DistillJob) -> str:
     gen = stage("generated", lambda: generated(slice(holdout, holdout + docs)))
     text = stage("text", lambda: texts(slice(holdout + docs, holdout + docs + text_docs)))
     data = gen + text
-    started -= reused[0]  # the total a resumed run reports includes its earlier runs' stages
+    started -= sum(stage_seconds[name] for name in reused)  # a resumed run's total includes its earlier runs'
     if not data.seqs:
         raise BadInput("no training rows: the corpora have no rows after the held-out ones")
     vocab = draft_vocabulary(data, draft_vocab, pair.target.model.config.vocab_size, eos_ids(pair.target))
@@ -224,7 +224,7 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
 def _head_calls(pair, head, held, new_tokens: int, say) -> dict:
     """Decode the held-out prompts with the head (strict cmasd, batch 1, the decoder's own chain lengths): the
     target's output, so tokens per target call and acceptance are what a job would see."""
-    from cmsd import DecodeSettings, Decoder, ModelPair
+    from cmsd import DecodeSettings, Decoder, DocStats, ModelPair
 
     prompts = [seq[:start].tolist() for seq, start in zip(held.seqs, held.answer_starts)]
     decoder = Decoder(ModelPair(pair.target, head), DecodeSettings(method="cmasd", verify="strict",
@@ -232,11 +232,10 @@ def _head_calls(pair, head, held, new_tokens: int, say) -> dict:
                                                                    trace=False))
     with _bar(len(prompts), "held-out decoding with the head", "doc") as bar:
         gens = decoder.generate_ids(prompts, progress=bar.update)
-    new = sum(g.stats.new_tokens for g in gens)
-    calls = sum(g.stats.target_calls for g in gens)
-    drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
-    out = {"tokens_per_call": new / max(calls, 1), "draft_acceptance": accepted / max(drafted, 1),
-           "drafted_per_call": drafted / max(calls, 1), "decoded_docs": len(prompts)}
+    total = DocStats.total([g.stats for g in gens])
+    rates = total.rates()
+    out = {"tokens_per_call": rates["tokens_per_call"], "draft_acceptance": rates["acceptance_rate"],
+           "drafted_per_call": total.drafted / max(total.target_calls, 1), "decoded_docs": len(prompts)}
     say(f"held-out decoding: {out['tokens_per_call']:.2f} tokens per target call, {out['draft_acceptance']:.3f} of "
         f"drafted tokens accepted")
     return out
