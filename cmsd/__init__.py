@@ -8,10 +8,10 @@
 from cmsd.decode import Decoder, Generation
 from cmsd.models import DEFAULT_TARGET, LoadedModel, ModelError, ModelPair, load_model, load_pair, smollm2_dir
 from cmsd.prompts import PromptTemplate
-from cmsd.settings import (METHODS, ConfidenceSettings, ControlSettings, DecodeSettings, MarginSettings,
-                           NgramSettings)
+from cmsd.settings import (METHODS, ConfidenceSettings, ControlSettings, DecodeSettings, HeadSettings,
+                           MarginSettings, NgramSettings)
 from cmsd.stats import TRACE_COLUMNS, DocStats
 
 __all__ = ["DEFAULT_TARGET", "METHODS", "TRACE_COLUMNS", "ConfidenceSettings", "ControlSettings", "DecodeSettings",
-           "Decoder", "DocStats", "Generation", "LoadedModel", "MarginSettings", "ModelError", "ModelPair",
+           "Decoder", "DocStats", "Generation", "HeadSettings", "LoadedModel", "MarginSettings", "ModelError", "ModelPair",
            "NgramSettings", "PromptTemplate", "load_model", "load_pair", "smollm2_dir"]

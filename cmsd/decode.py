@@ -71,15 +71,19 @@ class Decoder:
                          margin=settings.margin if settings.margin_rule else None)
         greedy = settings.temperature == 0 and self.rule.strict
         decoder_only = not pair.target.model.config.is_encoder_decoder
-        if settings.ngram.branches == 0:  # auto: a tree where it is exact
-            settings = settings.with_(ngram=replace(settings.ngram, branches=2 if greedy and decoder_only else 1))
+        head = isinstance(pair.drafter, FeatureHead)
+        tree = settings.head if head else settings.ngram  # the drafter's tree settings
+        if tree.branches == 0:  # auto: a tree where it is exact
+            tree = replace(tree, branches=2 if greedy and decoder_only else 1)
+            settings = settings.with_(**{"head" if head else "ngram": tree})
             self.settings = settings
-        self.tree = settings.drafts and pair.drafter == "ngram" and settings.ngram.branches > 1
+        self.tree = settings.drafts and (head or pair.drafter == "ngram") and tree.branches > 1
+        name = "head.branches" if head else "ngram.branches"
         if self.tree and not greedy:
-            raise ValueError("ngram.branches > 1 (tree drafts) needs strict greedy decoding: temperature 0 and "
+            raise ValueError(f"{name} > 1 (tree drafts) needs strict greedy decoding: temperature 0 and "
                              "verify 'strict' (or a method without a relaxed rule)")
         if self.tree and not decoder_only:
-            raise ValueError("ngram.branches > 1 (tree drafts) needs a decoder-only target")
+            raise ValueError(f"{name} > 1 (tree drafts) needs a decoder-only target")
         self.eos = eos_ids(pair.target)
         self.costs: tuple[float, ...] | None = None  # measured cost of a pass over 1..MAX_PASS tokens (auto budget)
         self.verify_tokens = settings.verify_tokens  # 0: resolved at the first decode (measured on CPU)
@@ -263,7 +267,8 @@ class Decoder:
         if not settings.drafts:
             return target, first, None
         if isinstance(drafter, FeatureHead):
-            return target, first, HeadDrafter(drafter, target, prompts, capacity, settings.confidence, sampler)
+            return target, first, HeadDrafter(drafter, target, prompts, capacity, settings.confidence, sampler,
+                                              settings.head if self.tree else None, self.costs)
         if isinstance(drafter, LoadedModel):
             return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
         if drafter == "ngram":

@@ -10,7 +10,8 @@ and keeps drafting in feature space: the next step reads (g_{t+1}, the drafted t
 cache (a HoleyState over its layers), rolled back with the target's. The target's features come from the verify
 pass the decoder runs anyway (HoleyState.tap), so the head adds no target work. Each iteration, the head first
 takes in the target's real features of the tokens just accepted (one forward over them), whose last output drafts
-the first token; every further drafted token is one more head step.
+the first token; every further drafted token (a chain) or depth of a tree (strict greedy: EAGLE-2's tree, grown
+best first by the product of the head's q along each path) is one more head step.
 
 A head is a directory: head.json (its configuration, the target it was trained for, the draft vocabulary) and
 head.safetensors (fc and the layers; the embedding and the LM head are the target's), plus a model card.
@@ -35,7 +36,8 @@ from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData
 from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer
 from cmsd.kv import HoleyState
 from cmsd.models import HEAD_DRAFTER, ModelError, fingerprint, target_shape
-from cmsd.settings import ConfidenceSettings
+from cmsd.confidence import confidence
+from cmsd.settings import ConfidenceSettings, HeadSettings
 
 HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
 SHIPPED = Path(__file__).parent / "heads"  # heads that ship with cmsd, one directory per default target
@@ -228,10 +230,11 @@ class HeadState(HoleyState):
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor,  # type: ignore[override]
-             features: torch.Tensor) -> torch.Tensor:
-        """features [B, W, H], tokens, valid [B, W] -> the head's output features g [B, W, H]."""
-        positions = self.append_slots(valid)
-        return self.head.run(features, tokens, attention_mask=self.mask, position_ids=positions,
+             features: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
+        """features [B, W, H], tokens, valid [B, W] (parents: a tree, as HoleyState.feed) -> the head's output
+        features g [B, W, H]."""
+        positions, mask = self.slots(valid, parents)
+        return self.head.run(features, tokens, attention_mask=mask, position_ids=positions,
                              past_key_values=self.cache, use_cache=True)
 
     def select(self, rows: torch.Tensor) -> None:
@@ -240,12 +243,19 @@ class HeadState(HoleyState):
 
 
 class HeadDrafter(Drafter):
-    """Drafts chains with a FeatureHead from the features of `target` (a HoleyState with tap on)."""
+    """Drafts with a FeatureHead from the features of `target` (a HoleyState with tap on): a chain, or with `tree`
+    (strict greedy only) a tree grown best first by the product of the head's q along each path (EAGLE-2): each
+    depth is one head pass over the tree.branches likeliest paths so far, whose tree.branches likeliest
+    continuations each are the next depth's candidates, none whose path's q is under tree.tree_min_p (and no deeper
+    pass once none is left); the tree is the min(tree.tree_tokens, k[b]) likeliest of all the candidates, and with `costs` (a pass over 1, 2, ... tokens in 1-token steps) a single row's tree is cut to the
+    size that maximizes the expected tokens per cost. The controller's keep gate and k_j do not bound a tree."""
 
     def __init__(self, head: FeatureHead, target: HoleyState, prompts: list[list[int]], capacity: int,
-                 conf: ConfidenceSettings, sampler: Sampler) -> None:
+                 conf: ConfidenceSettings, sampler: Sampler, tree: HeadSettings | None = None,
+                 costs: tuple[float, ...] | None = None) -> None:
         assert target.tap, "the target state must keep its features"
         self.head, self.target, self.conf_settings, self.sampler = head, target, conf, sampler
+        self.tree, self.costs = tree, costs
         device = target.mask.device
         self.state = HeadState(head, [self._prompt(r, p) for r, p in enumerate(prompts)], capacity)
         batch, hidden = len(prompts), head.fc.out_features
@@ -255,7 +265,7 @@ class HeadDrafter(Drafter):
         self.pending_tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.pending_ok = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.caught_up = torch.zeros(batch, dtype=torch.long, device=device)  # entries fed by this propose's catch-up
-        self.tokens = self.pending_tokens  # this iteration's drafted tokens [B, K]
+        self.tokens = self.pending_tokens  # this iteration's drafted tokens [B, K] (a tree's in its order)
 
     def _prompt(self, row: int, prompt: list[int]) -> HeadPrompt:
         """The target prefilled prompt[:-1]: its features f_0..f_{n-2} go with the tokens x_1..x_{n-1}."""
@@ -283,6 +293,8 @@ class HeadDrafter(Drafter):
             self.caught_up = self.pending_ok.sum(1)
             self.ready |= fed
             self._clear_pending()
+        if self.tree:
+            return self._grow(k, active, width)
         buf = _DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
         g = self.state.last
         for j in range(width):
@@ -294,14 +306,65 @@ class HeadDrafter(Drafter):
         self.tokens = buf.tokens
         return buf.draft()
 
+    def _grow(self, k: torch.Tensor, active: torch.Tensor, width: int) -> Draft:
+        """A tree draft (see the class): [B, M] candidates over the draft vocabulary, then the likeliest ones."""
+        settings, vocab = self.tree, self.head.vocab.to(k.device)
+        branches, depth = settings.branches, min(settings.depth, width)
+        g = self.state.last[:, None]  # [B, F, H] what the frontier's candidates are drafted from
+        score = torch.zeros_like(g[..., 0])  # [B, F] log product of q along each frontier path
+        parent = torch.full_like(score, -1, dtype=torch.long)  # [B, F] its node (-1: the pending token)
+        nodes: list[tuple[torch.Tensor, ...]] = []  # per depth: tokens, scores, parents, confidences [B, branches]
+        for d in range(depth):
+            z = self.head.draft_logits(g).float()  # [B, F, Vd]
+            best, index = (score[..., None] + torch.log_softmax(z, -1)).flatten(1).topk(branches)
+            best = best.masked_fill(best.exp() < settings.tree_min_p, -torch.inf)
+            src = torch.div(index, z.shape[-1], rounding_mode="floor")  # [B, branches] the frontier path
+            tokens = vocab[index % z.shape[-1]]
+            conf = confidence(z.gather(1, src[..., None].expand(-1, -1, z.shape[-1])).flatten(0, 1),
+                              self.conf_settings).view(*src.shape, 4)
+            # a child scores strictly below its parent, so the likeliest m nodes always form a tree
+            nodes.append((tokens, best - 1e-4 * (d + 1), parent.gather(1, src), conf))
+            likely = active[:, None] & (best > -torch.inf)  # [B, branches] the paths worth going on with
+            if d + 1 < depth and (not settings.tree_min_p or bool(likely.any())):
+                g = self.state.feed(tokens, likely, g.gather(1, src[..., None].expand(-1, -1, g.shape[-1])),
+                                    parents=nodes[-1][2])
+                score, parent = best, (torch.arange(branches, device=k.device) + d * branches).expand_as(src)
+            else:
+                break
+        tokens, scores, parents, conf = (torch.cat(column, 1) for column in zip(*nodes))  # [B, M] depth by depth
+        count = scores.shape[1]
+        take = min(count, settings.tree_tokens, width)
+        size = torch.minimum(k.clamp(max=take), (scores > -torch.inf).sum(1)) * active  # [B] nodes per row
+        if self.costs and len(k) == 1:  # a single row: cut where a node costs more than it gives
+            costs = torch.tensor(self.costs, device=k.device)
+            gain = torch.cat([scores.new_ones(1, 1), 1 + scores.sort(1, descending=True).values.exp().cumsum(1)], 1)
+            best = (gain[:, :len(costs)] / costs[:gain.shape[1]]).argmax(1)
+            size = torch.minimum(size, best)
+        best = scores.topk(take, 1).indices  # [B, take] the likeliest nodes, then in tree order (parents first)
+        order = torch.where(torch.arange(take, device=k.device) < size[:, None], best, best + count).sort(1).values
+        chosen, order = order < count, order % count
+        place = torch.full_like(scores, -1, dtype=torch.long).scatter(1, order, torch.arange(take, device=k.device)
+                                                                      .expand_as(order))
+        up = parents.gather(1, order)
+        up = torch.where(chosen & (up >= 0), place.gather(1, up.clamp(min=0)), -1)
+        self.tokens = torch.where(chosen, tokens.gather(1, order), 0)
+        cut = int(size.max())
+        self.tokens = self.tokens[:, :cut]
+        return Draft(self.tokens, size, (conf.gather(1, order[..., None].expand(-1, -1, 4)) * chosen[..., None])[:, :cut],
+                     parents=up[:, :cut])
+
     def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
-        assert path is None, "a head drafts chains"
         self.state.commit(self.caught_up)  # the catch-up stays; the entries of drafted tokens are rolled back
         features = self.target.features  # [B, 1 + K, H]: the pending token's and the drafts' features
+        drafts = self.tokens
+        if path is not None:  # a tree: its accepted path first
+            order = torch.cat([torch.zeros_like(path[:, :1]), 1 + path], 1)
+            features = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
+            drafts = drafts.gather(1, path)
         width = features.shape[1]
         tokens = torch.zeros(len(accepted), width, dtype=torch.long, device=accepted.device)
-        drafted = min(self.tokens.shape[1], width)
-        tokens[:, :drafted] = self.tokens[:, :drafted]
+        drafted = min(drafts.shape[1], width)
+        tokens[:, :drafted] = drafts[:, :drafted]
         tokens.scatter_(1, accepted[:, None], next_token[:, None])  # after the accepted drafts, the target's token
         ok = torch.arange(width, device=accepted.device) <= accepted[:, None]
         self.pending = torch.cat([self.pending, features.to(self.pending.dtype)], 1)

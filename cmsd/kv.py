@@ -138,6 +138,7 @@ class HoleyState:
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, slots]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # [B] next position of each row
         self.fresh = self.mask.bool()  # [B, slots fed since the last commit]
+        self.tree: torch.Tensor | None = None  # [B, T] parents of the last T fresh slots, fed as a tree (or None)
         self.refill(list(range(batch)), prompts)
 
     @torch.inference_mode()
@@ -190,23 +191,32 @@ class HoleyState:
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, valid: [B, W]; parents: [B, W] for a tree of tokens, the index of each token's parent among
-        those fed (-1: none, it follows the row's cache; parents come before their children); None: a chain.
-        Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
-        if parents is None:
-            positions, mask = self.append_slots(valid), self.mask
-        else:
-            positions, mask = self._tree_slots(valid, parents)
+        the tree's tokens fed since the last commit (those of earlier tree feeds first, then these; -1: none, it
+        follows the row's cache; parents come before their children), so a tree may grow over several feeds; None:
+        a chain. Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
+        positions, mask = self.slots(valid, parents)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, output_hidden_states=self.tap)
         if self.tap:
             self.features = out.hidden_states[-1]  # what the LM head read: the last layer's, after the final norm
         return out.logits
 
+    def slots(self, valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open W slots for a feed (see feed); returns the positions [B, W] and the attention mask."""
+        if parents is None:
+            assert self.tree is None, "a chain feed after a tree feed, before a commit"
+            return self.append_slots(valid), self.mask
+        return self._tree_slots(valid, parents)
+
     def _tree_slots(self, valid: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Open W slots for a tree of tokens. Returns their positions [B, W] (the row's position plus the depth)
-        and the additive attention mask [B, 1, W, slots]: the row's cache and the token's ancestors, itself included."""
-        tree = ancestors(parents)  # [B, W, W]
-        cached, start = self.mask.bool(), self.pos
+        """Open W slots for a tree of tokens. Returns their positions [B, W] (the row's position before the tree
+        plus the depth) and the additive attention mask [B, 1, W, slots]: the row's slots before the tree and the
+        token's ancestors, itself included."""
+        before = self.tree if self.tree is not None else parents[:, :0]  # [B, T] the tree's earlier tokens
+        self.tree = torch.cat([before, parents], 1)
+        tree = ancestors(self.tree)[:, before.shape[1]:]  # [B, W, T + W]
+        cached = self.mask.bool()[:, :self.mask.shape[1] - before.shape[1]]
+        start = self.pos - self.fresh[:, self.fresh.shape[1] - before.shape[1]:].sum(1)
         self.append_slots(valid)
         allowed = torch.cat([cached[:, None, :].expand(-1, tree.shape[1], -1), tree], 2)[:, None]
         dtype = self.model.dtype
@@ -231,13 +241,14 @@ class HoleyState:
         start = self.mask.shape[1] - fresh.shape[1]
         self.mask[:, start:] = kept.long()
         self.pos = self.pos - (fresh.sum(1) - kept.sum(1))
-        self.fresh = fresh[:, :0]
+        self.fresh, self.tree = fresh[:, :0], None
         self._trim()
 
     @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         self.mask, self.pos, self.fresh = self.mask[rows], self.pos[rows], self.fresh[rows]
+        self.tree = self.tree[rows] if self.tree is not None else None
         if not self.fresh.shape[1]:
             self._trim()
 
@@ -275,10 +286,7 @@ class EncoderHoleyState(HoleyState):
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
-        if parents is None:
-            positions, mask = self.append_slots(valid), self.mask
-        else:
-            positions, mask = self._tree_slots(valid, parents)
+        positions, mask = self.slots(valid, parents)
         table, offset = self.table, getattr(self.table, "offset", 0)
         table.forward = lambda *args, **kwargs: torch.nn.functional.embedding(positions + offset, table.weight)
         try:  # the table's own forward would look up slot indices, holes included (and past its end)

@@ -105,6 +105,26 @@ class NgramSettings:
 
 
 @dataclass(frozen=True)
+class HeadSettings:
+    """The feature-head drafter's tree (EAGLE-2): grown best first by the product of the head's q along a path."""
+
+    branches: int = 0  # the tree's width: each depth keeps the `branches` likeliest paths and drafts `branches`
+    #                    candidates after each; 1 = one chain (more: strict greedy only); 0 = auto: 2 for strict
+    #                    greedy decoding, else 1
+    depth: int = 4  # the deepest drafted token (head passes per iteration)
+    tree_tokens: int = 10  # the most drafted tokens per row and iteration (and at most the verify budget's share; a
+    #                        single row's tree is cut where a node costs more than it gives)
+    tree_min_p: float = 0.1  # no node whose path's product of q (its estimated acceptance) is under this, and no
+    #                          deeper head pass once no path reaches it (0: always `depth` passes, no host sync)
+
+    def __post_init__(self) -> None:
+        _check(self.branches >= 0, f"head.branches must be >= 0, got {self.branches}")
+        _check(0 <= self.tree_min_p <= 1, f"head.tree_min_p must be in [0, 1], got {self.tree_min_p}")
+        _check(self.depth >= 1, f"head.depth must be >= 1, got {self.depth}")
+        _check(self.tree_tokens >= 1, f"head.tree_tokens must be >= 1, got {self.tree_tokens}")
+
+
+@dataclass(frozen=True)
 class SpecBoundSettings:
     """SpecBound's self-drafter: exit layer, its temperature, and the adaptive confidence bound."""
 
@@ -150,6 +170,7 @@ class DecodeSettings:
     control: ControlSettings = field(default_factory=ControlSettings)
     margin: MarginSettings = field(default_factory=MarginSettings)
     ngram: NgramSettings = field(default_factory=NgramSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
     specbound: SpecBoundSettings = field(default_factory=SpecBoundSettings)
 
     def __post_init__(self) -> None:
@@ -195,7 +216,8 @@ class DecodeSettings:
     def from_dict(cls, data: dict[str, Any]) -> DecodeSettings:
         """Build from a plain mapping (a YAML spec); unknown keys are an error naming the key."""
         nested = {"confidence": ConfidenceSettings, "control": ControlSettings, "margin": MarginSettings,
-                  "ngram": NgramSettings, "specbound": SpecBoundSettings}
+                  "ngram": NgramSettings, "head": HeadSettings,
+                  "specbound": SpecBoundSettings}
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():

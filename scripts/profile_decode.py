@@ -6,6 +6,7 @@ untimed warm-up. On a CPU every phase is synchronous, so wall-clock sections are
     python scripts/profile_decode.py                       # ar and strict cmasd with the defaults
     python scripts/profile_decode.py ar cmasd:ngram.branches=1 cmasd:verify=relaxed
     python scripts/profile_decode.py ar cmasd cmasd:drafter=head    # drafter=NAME: another drafter (the head)
+    python scripts/profile_decode.py ar cmasd:drafter=head,head.branches=1   # overrides separated by commas
 """
 
 import contextlib

@@ -207,18 +207,27 @@ def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     have = ray.cluster_resources()
-    if execution.address is None and (have.get("CPU", 0) < execution.cpus_per_actor or have.get("GPU", 0) < gpus):
-        raise JobFailed(f"an actor needs {execution.cpus_per_actor} CPU and {gpus} GPU but this machine's Ray has "
+    cpus = execution.cpus_per_actor or cpu_share(execution.actors)
+    if execution.address is None and (have.get("CPU", 0) < cpus or have.get("GPU", 0) < gpus):
+        raise JobFailed(f"an actor needs {cpus} CPU and {gpus} GPU but this machine's Ray has "
                         f"{have.get('CPU', 0)} CPU and {have.get('GPU', 0)} GPU: lower execution.cpus_per_actor "
                         "or execution.gpus_per_actor")
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
                           decode=spec.decode, prompt=spec.template(), device=spec.models.device,
-                          dtype=spec.models.dtype, threads=max(1, int(execution.cpus_per_actor)))
+                          dtype=spec.models.dtype, threads=max(1, int(cpus)))
     actor_class = ray.remote(ShardWorker)
-    options = {"num_cpus": execution.cpus_per_actor, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
+    options = {"num_cpus": cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
                "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}  # progress() answers mid-shard
     numbers = itertools.count()
     return lambda: actor_class.options(name=actor_name(spec, next(numbers)), **options).remote(config)
+
+
+def cpu_share(actors: int) -> int:
+    """execution.cpus_per_actor auto: the cluster's CPUs divided among the actors, at least 1 and at most the CPUs
+    of its largest node (one actor alone on a 2-core machine decodes with both cores; two take one each)."""
+    nodes = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources().get("CPU", 0)
+    return max(1, int(min(total // actors, max(nodes, default=1))))
 
 
 def actor_name(spec: JobSpec, number: int) -> str:

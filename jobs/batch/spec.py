@@ -78,7 +78,8 @@ class ExecutionSpec:
     actors: int = 2  # worker actors, each holding one drafter/target pair
     shards: int | None = None  # None: one per `shard_rows` rows, at least two per actor
     shard_rows: int = 64
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: the CPUs divided among the actors (each at least 1, at most a
+    #                                      node's); an actor's torch threads are its whole CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has a GPU, else 0
     retries: int = 2  # attempts after the first, per shard, when an actor dies or a shard fails
     num_cpus: int | None = None  # local Ray only: CPUs it may use (None: all)
@@ -89,7 +90,8 @@ class ExecutionSpec:
         _check(self.actors >= 1, f"execution.actors must be >= 1, got {self.actors}")
         _check(self.shards is None or self.shards >= 1, f"execution.shards must be >= 1, got {self.shards}")
         _check(self.shard_rows >= 1, f"execution.shard_rows must be >= 1, got {self.shard_rows}")
-        _check(self.cpus_per_actor > 0, f"execution.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        _check(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+               f"execution.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         _check(self.gpus_per_actor is None or self.gpus_per_actor >= 0,
                f"execution.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         _check(self.retries >= 0, f"execution.retries must be >= 0, got {self.retries}")

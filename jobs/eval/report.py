@@ -193,7 +193,7 @@ def verdict_blocks(rec: RunRecord) -> list[Block]:
 def build(rec: RunRecord, plots: dict[str, str]) -> list[Block]:
     batched = f"batch-{rec.suite.batch_size}"
     blocks = [*header_blocks(rec), *verdict_blocks(rec), ("h2", "Side by side, batch 1"), side_by_side(rec, "batch-1")]
-    if any(r["setting"] == batched for r in rec.rows):
+    if rec.suite.batch_size > 1 and any(r["setting"] == batched for r in rec.rows):  # batch 1: one table
         blocks += [("h2", f"Side by side, batch {rec.suite.batch_size}"),
                    ("p", "transformers' assisted, prompt-lookup and early-exit generation run at batch 1 only, so "
                          "they are absent here; speedup_vs_ar is against AR at this batch size, agreement against "

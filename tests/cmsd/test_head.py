@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelError, ModelPair
+import cmsd.decode
+from cmsd import ControlSettings, DecodeSettings, Decoder, HeadSettings, LoadedModel, ModelError, ModelPair
 from cmsd.distill import DistillSettings, draft_vocabulary, teacher_targets
 from cmsd.head import FeatureHead, HeadError, evaluate_head, load_head, train_head
+from tests.cmsd.test_tree import _counting
 from tests.tiny import UNCAPPED, greedy_reference, random_prompts, repetitive_prompts, tiny_bart, tiny_llama
 
 NEW = 16
@@ -47,6 +49,31 @@ def test_strict_with_a_head_equals_greedy(seed: int) -> None:
                 assert got == expected, f"seed={seed} head={name} {method} batch={batch} k_max={k_max}"
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_head_trees_equal_greedy(seed: int, monkeypatch) -> None:
+    """Trees from the head's q (EAGLE-2): the target's greedy output at every batch size, tree shape and cost cut,
+    with drafts accepted off the head's first choice."""
+    target = tiny_llama(seed=seed)
+    prompts = random_prompts(seed, 4) + repetitive_prompts(seed, 6)
+    expected = [greedy_reference(target, p, NEW) for p in prompts]
+    counts = {"accepted": 0, "off_first_branch": 0}
+    monkeypatch.setattr(cmsd.decode, "verify_tree", _counting(counts))
+    heads = {"untrained": FeatureHead(target, 1).eval(), "trained": _trained_head(target, seed)}
+    for name, head in heads.items():
+        for branches, depth, tree_tokens, min_p in ((2, 3, 4, 0.1), (3, 4, 10, 0.0), (4, 2, 6, 0.3)):
+            for batch, costs in ((1, None), (1, (1.0, 1.02, 1.05, 1.1, 1.3, 1.6)), (3, None), (8, None)):
+                tree = HeadSettings(branches=branches, depth=depth, tree_tokens=tree_tokens, tree_min_p=min_p)
+                settings = DecodeSettings(verify_tokens=UNCAPPED, method="cmasd", max_new_tokens=NEW,
+                                          batch_size=batch, head=tree)
+                decoder = Decoder(_pair(target, head), settings)
+                decoder.costs = costs
+                gens = decoder.generate_ids(prompts)
+                assert decoder.tree and [g.token_ids for g in gens] == expected, \
+                    f"seed={seed} head={name} {tree} batch={batch} costs={costs}"
+                assert all(g.stats.accepted <= g.stats.drafted for g in gens)
+    assert counts["off_first_branch"] > 0 and counts["accepted"] > counts["off_first_branch"], counts
+
+
 def test_a_trained_head_is_accepted_and_traced() -> None:
     target = tiny_llama(seed=0)
     head = _trained_head(target)
@@ -55,7 +82,8 @@ def test_a_trained_head_is_accepted_and_traced() -> None:
                            [len(p) for p in prompts], 4, features=True)
     untrained = evaluate_head(FeatureHead(target, 1, head.vocab), held)
     assert evaluate_head(head, held).kl < untrained.kl  # training moved q towards the target on unseen prompts
-    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=NEW, batch_size=2)
+    settings = DecodeSettings(verify_tokens=UNCAPPED, method="specdec", max_new_tokens=NEW, batch_size=2,
+                              head=HeadSettings(tree_min_p=0.0))  # a tree of every path: this head's q is diffuse
     gens = Decoder(_pair(target, head), settings).generate_ids(prompts)
     drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
     assert 0 < accepted < drafted and sum(g.stats.rollbacks for g in gens) > 0  # acceptance and rollback both run

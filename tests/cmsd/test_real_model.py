@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmsd import DecodeSettings, Decoder, NgramSettings, PromptTemplate
+from cmsd import DecodeSettings, Decoder, HeadSettings, NgramSettings, PromptTemplate
 from tests.tiny import UNCAPPED
 
 DATA = Path(__file__).resolve().parents[2] / "jobs" / "data" / "demo.jsonl"
@@ -126,10 +126,12 @@ def test_strict_with_the_shipped_head_equals_transformers_greedy(smollm2_ngram) 
     docs = _documents(6)
     prompts = [template.render(pair.tokenizer, d["source"]) for d in docs]
     reference = _transformers_greedy(pair, prompts)
-    for batch, method in ((1, "cmasd"), (4, "specdec")):
+    for batch, method, branches in ((1, "cmasd", 0), (4, "specdec", 0), (3, "cmasd", 1)):  # trees (auto), a chain
         settings = DecodeSettings(verify_tokens=UNCAPPED, method=method, verify="strict", max_new_tokens=NEW,
-                                  batch_size=batch)
-        gens = Decoder(pair, settings).generate(prompts)
-        assert [g.token_ids for g in gens] == reference, f"batch {batch} {method}"
+                                  batch_size=batch, head=HeadSettings(branches=branches))
+        decoder = Decoder(pair, settings)
+        gens = decoder.generate(prompts)
+        assert decoder.tree == (branches != 1) and [g.token_ids for g in gens] == reference, \
+            f"batch {batch} {method} branches {branches}"
         drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
         assert drafted > 0 and accepted / drafted > 0.05, (batch, accepted, drafted)

@@ -101,3 +101,34 @@ def test_tree_drafts_are_refused_where_they_are_not_exact() -> None:
         Decoder(_pair(tiny_bart()), DecodeSettings(ngram=tree))
     with pytest.raises(ValueError, match="ngram.branches"):
         NgramSettings(branches=-1)
+
+
+def test_a_tree_grown_over_several_feeds_gives_each_path_its_plain_logits() -> None:
+    """A drafter's own cache grows a tree a depth at a time (the feature head): after a chain feed, each tree feed's
+    parents index the tree's tokens fed since the last commit; every path sees the chain and its own ancestors."""
+    model = tiny_llama(seed=6)
+    prompts = [[3, 4, 5, 6], [8, 9, 10]]
+    state = HoleyState(model, prompts, capacity=16)
+    state.feed(torch.tensor([[7, 0], [11, 12]]), torch.tensor([[True, False], [True, True]]))  # a chain, uncommitted
+    feeds = [  # tokens, parents (tree indices), valid: depth 1, then 2, then 3
+        (torch.tensor([[20, 21], [30, 31]]), torch.tensor([[-1, -1], [-1, -1]]), torch.ones(2, 2, dtype=torch.bool)),
+        (torch.tensor([[22, 23], [32, 0]]), torch.tensor([[0, 0], [1, -1]]), torch.tensor([[True, True], [True, False]])),
+        (torch.tensor([[24], [33]]), torch.tensor([[3], [2]]), torch.ones(2, 1, dtype=torch.bool)),
+    ]
+    tokens, parents, valid, logits = (torch.cat(parts, 1) for parts in zip(*[
+        (t, p, v, state.feed(t, v, parents=p)) for t, p, v in feeds]))
+    chains = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    for row, chain in enumerate(chains):
+        for slot in range(tokens.shape[1]):
+            if not valid[row, slot]:
+                continue
+            path, node = [], slot
+            while node >= 0:
+                path, node = [int(tokens[row, node])] + path, int(parents[row, node])
+            plain = model(input_ids=torch.tensor([chain + path])).logits[0, -1]
+            torch.testing.assert_close(logits[row, slot], plain, atol=1e-5, rtol=1e-5)
+    state.commit(torch.tensor([1, 2]))  # the chain stays, the tree goes
+    logits = state.feed(torch.tensor([[40], [41]]), torch.ones(2, 1, dtype=torch.bool))
+    for row, chain in enumerate(chains):
+        plain = model(input_ids=torch.tensor([chain + [40 + row]])).logits[0, -1]
+        torch.testing.assert_close(logits[row, 0], plain, atol=1e-5, rtol=1e-5)

@@ -154,6 +154,7 @@ def test_planted_regression_in_the_history_exits_1_naming_it(tmp_path: Path, cor
     suite = tiny_suite(corpora, tiny_target, batch_size=1, peers=[], methods=["ar", "specdec", "cmasd"])
     first, out = run_eval(tmp_path, suite)
     assert first.exit_code == 0, first.output
+    assert (run_dir(first) / "report.md").read_text().count("## Side by side") == 1  # batch 1 only: one table
     [history] = list((out / "history").glob("*.parquet"))
     table = pq.read_table(history).to_pylist()
     for row in table:  # plant it: the previous run drafted twice as far per target call

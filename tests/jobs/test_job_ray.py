@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.batch.driver import actor_name
+from jobs.batch.driver import actor_name, cpu_share
 from jobs.errors import JobFailed
 from jobs.batch.lifecycle import JobResult, create, load_job, resume, status, submit
 from jobs.batch.manifest import unfinished
@@ -74,6 +74,12 @@ def bad_rows_job(tmp_path_factory: pytest.TempPathFactory, tiny_target: Path, ra
     rows = GOOD[:3] + BAD[:2] + GOOD[3:7] + BAD[2:] + GOOD[7:]
     corpus = write_jsonl(folder / "docs.jsonl", rows)
     return submit(job_spec(corpus, tiny_target, folder / "runs"), observer=Recorder())
+
+
+def test_actors_share_the_cpus_by_default(ray_local: str) -> None:
+    """execution.cpus_per_actor auto on the tests' 2-CPU Ray: one actor decodes with both cores, two take one each,
+    and more actors than CPUs still get one each."""
+    assert [cpu_share(actors) for actors in (1, 2, 3)] == [2, 1, 1]
 
 
 def test_a_job_with_bad_rows_completes(bad_rows_job: JobResult) -> None:
