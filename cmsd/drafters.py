@@ -293,6 +293,16 @@ class NgramDrafter(Drafter):
             self.indexes[row], self.drafts[row] = SuffixIndex(prompt, self.settings), []
 
 
+def worth_drafting(estimates: torch.Tensor, costs: tuple[float, ...]) -> torch.Tensor:
+    """How many of a row's drafted tokens pay for themselves: estimates [B, M] their estimated acceptances (the
+    product of q along each one's path), costs what a pass over 1, 2, ... tokens costs in 1-token steps. Returns
+    [B] the m that maximizes the expected tokens per cost, (1 + the m likeliest estimates) / costs[m] (the likeliest
+    m of a tree's nodes are a tree)."""
+    likeliest = estimates.sort(1, descending=True).values[:, :len(costs) - 1]
+    gain = torch.cat([likeliest.new_ones(len(likeliest), 1), 1 + likeliest.cumsum(1)], 1)
+    return (gain / torch.tensor(costs[:gain.shape[1]], device=gain.device, dtype=gain.dtype)).argmax(1)
+
+
 class NgramTreeDrafter(NgramDrafter):
     """Prompt lookup drafting a tree (strict greedy only): per row a trie of up to min(settings.tree_tokens, k[b])
     candidate tokens, grown best first by the product of q along each path (its estimated acceptance), which must
@@ -349,8 +359,7 @@ class NgramTreeDrafter(NgramDrafter):
             if len(nodes) < size:
                 grow(len(nodes) - 1, -score, path + [token])
         if costs:  # best first, so every prefix is a tree
-            gain = itertools.accumulate(scores[:len(costs) - 1], initial=1.0)
-            nodes = nodes[:max(enumerate(gain), key=lambda m: m[1] / costs[m[0]])[0]]
+            nodes = nodes[:int(worth_drafting(torch.tensor([scores], dtype=torch.float64), costs))]
         if not nodes:
             return [], [], None
         parents, tokens, dists = (list(column) for column in zip(*nodes))

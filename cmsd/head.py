@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData, TrainState, _pad,
                           soft_targets, train_loop, vocab_index)
-from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer
+from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer, worth_drafting
 from cmsd.kv import HoleyState
 from cmsd.models import HEAD_DRAFTER, ModelError, fingerprint, target_shape
 from cmsd.confidence import confidence
@@ -247,8 +247,10 @@ class HeadDrafter(Drafter):
     (strict greedy only) a tree grown best first by the product of the head's q along each path (EAGLE-2): each
     depth is one head pass over the tree.branches likeliest paths so far, whose tree.branches likeliest
     continuations each are the next depth's candidates, none whose path's q is under tree.tree_min_p (and no deeper
-    pass once none is left); the tree is the min(tree.tree_tokens, k[b]) likeliest of all the candidates, and with `costs` (a pass over 1, 2, ... tokens in 1-token steps) a single row's tree is cut to the
-    size that maximizes the expected tokens per cost. The controller's keep gate and k_j do not bound a tree."""
+    pass once none is left); the tree is the min(tree.tree_tokens, k[b]) likeliest of all the candidates, and with
+    `costs` (a pass over 1, 2, ... tokens in 1-token steps) a single row's tree is cut to the size that maximizes
+    the expected tokens per cost (cmsd.drafters.worth_drafting). The controller's keep gate and k_j do not bound a
+    tree."""
 
     def __init__(self, head: FeatureHead, target: HoleyState, prompts: list[list[int]], capacity: int,
                  conf: ConfidenceSettings, sampler: Sampler, tree: HeadSettings | None = None,
@@ -336,22 +338,18 @@ class HeadDrafter(Drafter):
         take = min(count, settings.tree_tokens, width)
         size = torch.minimum(k.clamp(max=take), (scores > -torch.inf).sum(1)) * active  # [B] nodes per row
         if self.costs and len(k) == 1:  # a single row: cut where a node costs more than it gives
-            costs = torch.tensor(self.costs, device=k.device)
-            gain = torch.cat([scores.new_ones(1, 1), 1 + scores.sort(1, descending=True).values.exp().cumsum(1)], 1)
-            best = (gain[:, :len(costs)] / costs[:gain.shape[1]]).argmax(1)
-            size = torch.minimum(size, best)
-        best = scores.topk(take, 1).indices  # [B, take] the likeliest nodes, then in tree order (parents first)
-        order = torch.where(torch.arange(take, device=k.device) < size[:, None], best, best + count).sort(1).values
+            size = torch.minimum(size, worth_drafting(scores.exp(), self.costs))
+        ranked = scores.topk(take, 1).indices  # [B, take] the likeliest nodes, then in tree order (parents first)
+        order = torch.where(torch.arange(take, device=k.device) < size[:, None], ranked, ranked + count).sort(1).values
         chosen, order = order < count, order % count
         place = torch.full_like(scores, -1, dtype=torch.long).scatter(1, order, torch.arange(take, device=k.device)
                                                                       .expand_as(order))
         up = parents.gather(1, order)
         up = torch.where(chosen & (up >= 0), place.gather(1, up.clamp(min=0)), -1)
-        self.tokens = torch.where(chosen, tokens.gather(1, order), 0)
         cut = int(size.max())
-        self.tokens = self.tokens[:, :cut]
-        return Draft(self.tokens, size, (conf.gather(1, order[..., None].expand(-1, -1, 4)) * chosen[..., None])[:, :cut],
-                     parents=up[:, :cut])
+        self.tokens = torch.where(chosen, tokens.gather(1, order), 0)[:, :cut]
+        conf = conf.gather(1, order[..., None].expand(-1, -1, conf.shape[-1])) * chosen[..., None]
+        return Draft(self.tokens, size, conf[:, :cut], parents=up[:, :cut])
 
     def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
         self.state.commit(self.caught_up)  # the catch-up stays; the entries of drafted tokens are rolled back

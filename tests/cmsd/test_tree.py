@@ -112,11 +112,12 @@ def test_a_tree_grown_over_several_feeds_gives_each_path_its_plain_logits() -> N
     state.feed(torch.tensor([[7, 0], [11, 12]]), torch.tensor([[True, False], [True, True]]))  # a chain, uncommitted
     feeds = [  # tokens, parents (tree indices), valid: depth 1, then 2, then 3
         (torch.tensor([[20, 21], [30, 31]]), torch.tensor([[-1, -1], [-1, -1]]), torch.ones(2, 2, dtype=torch.bool)),
-        (torch.tensor([[22, 23], [32, 0]]), torch.tensor([[0, 0], [1, -1]]), torch.tensor([[True, True], [True, False]])),
+        (torch.tensor([[22, 23], [32, 0]]), torch.tensor([[0, 0], [1, -1]]),
+         torch.tensor([[True, True], [True, False]])),
         (torch.tensor([[24], [33]]), torch.tensor([[3], [2]]), torch.ones(2, 1, dtype=torch.bool)),
     ]
-    tokens, parents, valid, logits = (torch.cat(parts, 1) for parts in zip(*[
-        (t, p, v, state.feed(t, v, parents=p)) for t, p, v in feeds]))
+    logits = torch.cat([state.feed(t, v, parents=p) for t, p, v in feeds], 1)  # one feed per depth
+    tokens, parents, valid = (torch.cat(parts, 1) for parts in zip(*feeds))
     chains = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
     for row, chain in enumerate(chains):
         for slot in range(tokens.shape[1]):
