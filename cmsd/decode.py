@@ -16,7 +16,7 @@ import torch
 
 from cmsd.control import Controller
 from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
-from cmsd.head import FeatureHead, HeadDrafter
+from cmsd.head import FeatureHead, HeadDrafter, names_head
 from cmsd.kernels import decode_kernels, forward_costs
 from cmsd.kv import HoleyState, SyncState, open_state, refill_state, refillable
 from cmsd.models import LoadedModel, ModelPair
@@ -71,7 +71,7 @@ class Decoder:
                          margin=settings.margin if settings.margin_rule else None)
         greedy = settings.temperature == 0 and self.rule.strict
         decoder_only = not pair.target.model.config.is_encoder_decoder
-        head = isinstance(pair.drafter, FeatureHead)
+        head = names_head(pair.drafter)  # a head, or (a submit-time check) the name of one
         tree = settings.head if head else settings.ngram  # the drafter's tree settings
         if tree.branches == 0:  # auto: a tree where it is exact
             tree = replace(tree, branches=2 if greedy and decoder_only else 1)

@@ -154,6 +154,12 @@ def is_head_dir(path: str | Path) -> bool:
     return (Path(path) / HEAD_CONFIG).is_file()
 
 
+def names_head(drafter: object) -> bool:
+    """Whether a drafter is a feature head or names one: "head" (cmsd.models.HEAD_DRAFTER) or a head directory."""
+    return isinstance(drafter, FeatureHead) or isinstance(drafter, (str, Path)) and (
+        drafter == HEAD_DRAFTER or is_head_dir(drafter))
+
+
 def shipped_head(target: PreTrainedModel, by_shape: bool = False) -> Path:
     """The head shipped with cmsd for this target (`--drafter head`); by_shape: for a target of its shape (a model
     whose weights are not loaded: the submit-time check; load_head checks the weights)."""

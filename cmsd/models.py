@@ -207,9 +207,9 @@ def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bo
     tokenizer (a distilled drafter with its reduced draft vocabulary)."""
     if drafter is None or drafter in MODEL_DRAFTER_KINDS:
         return drafter
-    from cmsd.head import head_dir, is_head_dir, load_head
+    from cmsd.head import head_dir, load_head, names_head
 
-    if drafter == HEAD_DRAFTER or is_head_dir(drafter):
+    if names_head(drafter):
         return load_head(head_dir(drafter, target.model), target.model)
     draft = load_model(drafter, target.model.device, target.model.dtype, trust_remote_code)
     check_same_vocab(target.tokenizer, draft.tokenizer, drafter)

@@ -28,11 +28,11 @@ class CheckedModels:
 def check_models(models: ModelSpec, decode: Any) -> CheckedModels:
     """Validate the target, the drafter and the decode settings together (decode: cmsd.DecodeSettings)."""
     from cmsd import Decoder, ModelError, ModelPair
-    from cmsd.head import check_head_shape, head_dir, is_head_dir
-    from cmsd.models import HEAD_DRAFTER, MODEL_DRAFTER_KINDS, check_same_vocab
+    from cmsd.head import check_head_shape, head_dir, names_head
+    from cmsd.models import MODEL_DRAFTER_KINDS, check_same_vocab
 
     name = models.drafter
-    head = name is not None and (name == HEAD_DRAFTER or is_head_dir(name))
+    head = names_head(name)
     try:
         target = _inspect(models.target)
         if head:  # a feature head for this target (its weights are checked when a worker loads it)

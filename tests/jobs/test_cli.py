@@ -74,6 +74,13 @@ def test_bad_input_exits_2_and_writes_nothing(args: list[str], words: str, corpu
     assert words in output
 
 
+def test_a_head_tree_where_it_is_not_exact_is_bad_input(corpus: Path, tmp_path: Path) -> None:
+    """The head's tree settings are checked at submit, against the shipped head's own target."""
+    code, output = submit(tmp_path, "--corpus", str(corpus), "--target", "smollm2", "--drafter", "head",
+                          "--verify", "relaxed", "--set", "decode.head.branches=3")
+    assert code == 2 and "head.branches > 1 (tree drafts) needs strict greedy decoding" in output, output
+
+
 def test_a_corpus_with_no_decodable_row_is_bad_input(tmp_path: Path, tiny_target: Path) -> None:
     path = write_jsonl(tmp_path / "empty.jsonl", [{"source": ""}, {"source": 3}])
     code, output = submit(tmp_path, "--corpus", str(path), "--target", str(tiny_target))
