@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cmsd.drafters import Draft
+from cmsd.drafters.base import Draft
 from cmsd.settings import DecodeSettings
 
 

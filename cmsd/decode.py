@@ -1,7 +1,7 @@
 """The decode loop: draft, verify, commit, adapt, for a batch of rows at once.
 
 Each row keeps its own draft length and acceptance; finished rows leave the batch. The loop only coordinates
-the drafter (cmsd.drafters), the verification rule (cmsd.verify), the controller (cmsd.control) and the KV
+the drafter (cmsd.drafters.*), the verification rule (cmsd.verify), the controller (cmsd.control) and the KV
 states (cmsd.kv); one host transfer per iteration carries the verdict back for bookkeeping.
 """
 
@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from cmsd.control import Controller
-from cmsd.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, NgramTreeDrafter, Sampler
-from cmsd.head import FeatureHead, HeadDrafter, names_head
+from cmsd.drafters.base import Draft, Drafter, Sampler
+from cmsd.drafters.head import FeatureHead, HeadDrafter, names_head
+from cmsd.drafters.model import ModelDrafter
+from cmsd.drafters.ngram import NgramDrafter, NgramTreeDrafter
+from cmsd.drafters.selfspec import SelfSpecPlan
 from cmsd.kernels import decode_kernels, forward_costs
 from cmsd.kv import HoleyState, SyncState, open_state, refill_state, refillable
 from cmsd.models import LoadedModel, ModelPair
-from cmsd.selfspec import SelfSpecPlan
 from cmsd.settings import DecodeSettings
 from cmsd.stats import TRACE_COLUMNS, DocStats
 from cmsd.verify import Rule, Verdict, verify, verify_tree

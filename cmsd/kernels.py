@@ -42,6 +42,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from cmsd.identity import cache_dir, fingerprint
+from cmsd.kv import HoleyState
+
 PACKED_SDPA = "cmsd_packed_sdpa"
 SMALL_ROWS = range(1, 9)
 log = logging.getLogger(__name__)
@@ -115,14 +118,12 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
 
 
 def _on_disk(model: nn.Module, what: str, params: tuple, measure: Callable[[], list]) -> list:
-    """measure() once per machine and model: kept in $CMSD_CACHE/kernels/, keyed by the model (cmsd.models.
+    """measure() once per machine and model: kept in $CMSD_CACHE/kernels/, keyed by the model (cmsd.identity.
     fingerprint, dtype), what is measured and how, the CPU, the thread count and the torch version; a later process
     (the next job, another actor) reads it back instead of timing again. Measured anew, not kept, when a test's
     stopwatch times it (use_stopwatch) or the cache cannot be written."""
     if _stopwatch is not wall_clock:
         return measure()
-    from cmsd.models import cache_dir, fingerprint  # cmsd.models needs nothing from here
-
     key = {"what": what, "params": list(params), "model": fingerprint(model),
            "dtype": str(next(model.parameters()).dtype), "cpu": _cpu_name(), "cpus": os.cpu_count(),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -222,8 +223,6 @@ def forward_costs(model: nn.Module, width: int = 8, repeats: int = 3, context: i
 
 
 def _time_forwards(model: nn.Module, width: int, repeats: int, context: int) -> list[float]:
-    from cmsd.kv import HoleyState  # the state a decode feeds (cmsd.kv needs nothing from here)
-
     started = time.perf_counter()
     timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
     config = model.config.get_text_config(decoder=True)

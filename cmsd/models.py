@@ -7,7 +7,6 @@ wheel. Converting the GGUF takes ~20 s, so the first load saves a safetensors co
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -19,16 +18,15 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from cmsd.drafters.head import FeatureHead, head_dir, load_head, names_head
+from cmsd.drafters.model import use_draft_vocab
+from cmsd.identity import ModelError, cache_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DRAFTER_KINDS = ("ngram", "self")  # drafters that are not a second model
-HEAD_DRAFTER = "head"  # the feature head shipped for the target (cmsd.head); a head directory loads as well
-
-
-class ModelError(ValueError):
-    """A model that cannot be used: not found, not loadable, or not compatible with the target."""
 
 
 @dataclass
@@ -55,7 +53,7 @@ class ModelPair:
     """A target and its drafter. `drafter` is a model, or one of MODEL_DRAFTER_KINDS, or None (AR only)."""
 
     target: LoadedModel
-    drafter: LoadedModel | str | None  # or a cmsd.head.FeatureHead
+    drafter: LoadedModel | FeatureHead | str | None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -79,25 +77,6 @@ class ModelPair:
         if isinstance(self.drafter, str) or self.drafter is None:
             return self.drafter or "none"
         return self.drafter.name  # a LoadedModel or a FeatureHead
-
-
-def target_shape(model) -> str:
-    """A model's architecture and size (known from its config alone)."""
-    config = model.config
-    return f"{config.model_type}/{config.hidden_size}/{config.num_hidden_layers}/{config.vocab_size}"
-
-
-def fingerprint(model) -> str:
-    """What identifies a model's weights without reading them all: its shape and a digest of a sample of its
-    embedding (a feature head is trained for one target; cost measurements are kept per model)."""
-    embeddings = getattr(model, "get_input_embeddings", None)  # a FeatureHead: its first weight (fc)
-    weight = embeddings().weight if embeddings is not None else next(model.parameters())
-    sample = weight[:: max(1, weight.shape[0] // 64), :16].detach().float().cpu().numpy().round(4)
-    return hashlib.sha256(f"{target_shape(model)}/{sample.tobytes().hex()}".encode()).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CMSD_CACHE", Path.home() / ".cache" / "cmsd"))
 
 
 def _smollm2_gguf() -> Path:
@@ -203,19 +182,15 @@ def load_pair(target: str = DEFAULT_TARGET, drafter: str | None = "ngram", devic
 
 def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bool = False):
     """A drafter for a loaded target: one of MODEL_DRAFTER_KINDS or None as is; "head" or a head directory: a
-    cmsd.head.FeatureHead trained for this target; else a model on the target's device and dtype that shares its
+    cmsd.drafters.head.FeatureHead trained for this target; else a model on the target's device and dtype that shares its
     tokenizer (a distilled drafter with its reduced draft vocabulary)."""
     if drafter is None or drafter in MODEL_DRAFTER_KINDS:
         return drafter
-    from cmsd.head import head_dir, load_head, names_head
-
     if names_head(drafter):
         return load_head(head_dir(drafter, target.model), target.model)
     draft = load_model(drafter, target.model.device, target.model.dtype, trust_remote_code)
     check_same_vocab(target.tokenizer, draft.tokenizer, drafter)
     if draft.path is not None:
-        from cmsd.distill import use_draft_vocab
-
         use_draft_vocab(draft.model, draft.path)
     if draft.is_encoder_decoder != target.is_encoder_decoder:
         raise ModelError(f"drafter {drafter!r} and target {target.name!r} must both be decoder-only or both "

@@ -18,7 +18,8 @@ import torch
 
 from cmsd import DecodeSettings, Decoder, NgramSettings, PromptTemplate, load_pair
 from cmsd.decode import MAX_PASS
-from cmsd.drafters import NgramTreeDrafter, Sampler, SuffixIndex
+from cmsd.drafters.base import Sampler
+from cmsd.drafters.ngram import NgramTreeDrafter, SuffixIndex
 from cmsd.kernels import decode_kernels, forward_costs
 from cmsd.kv import HoleyState
 from cmsd.settings import ConfidenceSettings

@@ -19,8 +19,8 @@ import cmsd.decode
 import cmsd.kv
 from cmsd import DecodeSettings, Decoder, DocStats, PromptTemplate, load_pair
 from cmsd.control import Controller
-from cmsd.drafters import NgramDrafter, NgramTreeDrafter
-from cmsd.head import HeadDrafter
+from cmsd.drafters.head import HeadDrafter
+from cmsd.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from cmsd.models import ModelPair, load_drafter
 from jobs.batch.spec import apply_overrides, parse_assignment
 

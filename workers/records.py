@@ -9,7 +9,7 @@ import pyarrow as pa
 from workers.store import REFUSED_KEY
 
 if TYPE_CHECKING:
-    from cmsd.decoder import Generation
+    from cmsd.decode import Generation
 
 # One row per drafted token (DESIGN.md); the names are cmsd's TRACE_COLUMNS.
 TRACE_SCHEMA = pa.schema([

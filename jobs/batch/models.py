@@ -28,7 +28,7 @@ class CheckedModels:
 def check_models(models: ModelSpec, decode: Any) -> CheckedModels:
     """Validate the target, the drafter and the decode settings together (decode: cmsd.DecodeSettings)."""
     from cmsd import Decoder, ModelError, ModelPair
-    from cmsd.head import check_head_shape, head_dir, names_head
+    from cmsd.drafters.head import check_head_shape, head_dir, names_head
     from cmsd.models import MODEL_DRAFTER_KINDS, check_same_vocab
 
     name = models.drafter

@@ -127,7 +127,7 @@ class JobSpec:
         unknown = sorted(set(data) - set(SECTIONS) - {"decode"})
         if unknown:
             raise BadInput(f"unknown spec section(s) {unknown} (known: {', '.join([*SECTIONS, 'decode'])})")
-        parts = {name: _section(name, kind, data.get(name) or {}) for name, kind in SECTIONS.items()}
+        parts = {name: section(name, kind, data.get(name) or {}) for name, kind in SECTIONS.items()}
         try:
             decode = DecodeSettings.from_dict(data.get("decode") or {})
         except (TypeError, ValueError) as err:
@@ -154,7 +154,8 @@ class JobSpec:
             raise BadInput(f"prompt: {err}") from err
 
 
-def _section(name: str, kind: type, data: Any) -> Any:
+def section(name: str, kind: type, data: Any) -> Any:
+    """A spec section as `kind` (a dataclass): a mapping of its fields; anything else is a BadInput naming it."""
     if not isinstance(data, dict):
         raise BadInput(f"spec section {name!r} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(kind)}
@@ -180,11 +181,11 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     corpus = data.get("corpus")
     if isinstance(corpus, dict):
         for key in ("path", "reference_path"):
-            corpus[key] = _beside(path, corpus.get(key))
+            corpus[key] = beside(path, corpus.get(key))
     return data
 
 
-def _beside(spec_file: Path, value: Any) -> Any:
+def beside(spec_file: Path, value: Any) -> Any:
     """A relative local path in a spec file means: relative to that file (hub names are left alone)."""
     if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
         return value

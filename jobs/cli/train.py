@@ -38,7 +38,7 @@ def calibrate(target: str, corpus: str, task: str, limit: int, max_tokens: int, 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Drafter directory.")
 @click.option("--kind", type=click.Choice(["model", "head"]), default="model", help="model: a small model cut "
               "from the target that drafts alone; head: a feature head that drafts from the target's own features "
-              "(EAGLE-style, cmsd.head).")
+              "(EAGLE-style, cmsd.drafters.head).")
 @click.option("--layers", type=int, help="Decoder layers: model, the target's first layers-1 and its last "
               "[default: 2]; head, its own layers shaped like the target's [default: 1].")
 @click.option("--steps", default=400, help="Training steps.")

@@ -112,8 +112,8 @@ def calibrate_self_drafting(suite: Suite, pair: Any, docs: tuple[Doc, ...], log:
     has a SpecBound method and none is stored beside the target (a fresh machine), fit it on `docs` (the validation
     documents where there are some) and store it there, as `cmsd-jobs calibrate` does: the next run reuses it.
     execution.calibrate: false leaves an uncalibrated target as it is. Returns a note for the report."""
-    from cmsd.selfspec import calibration_path
-    from jobs.train.calibrate import fit_and_store
+    from cmsd.drafters.selfspec import calibration_path
+    from cmsd.train.calibrate import fit_and_store
 
     methods = [m for m in suite.methods if m.settings.method == "specbound"]
     if not methods or not suite.execution.calibrate or calibration_path(pair.target.home).is_file():

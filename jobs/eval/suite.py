@@ -16,7 +16,7 @@ import yaml
 
 from cmsd.settings import METHODS, DecodeSettings
 from jobs.errors import BadInput
-from jobs.batch.spec import TASKS, CorpusSpec, ModelSpec, PromptSpec, _beside, _section
+from jobs.batch.spec import TASKS, CorpusSpec, ModelSpec, PromptSpec, beside, section
 
 RELAXED_BY_DEFAULT = ("adaptive-tau", "margin", "cmasd+margin")  # strict, these would be specdec / adaptive-k
 PEER_KINDS = ("greedy", "assisted", "prompt-lookup", "early-exit", "vllm")
@@ -310,20 +310,20 @@ def suite_from_dict(data: dict[str, Any], origin: Path | None = None) -> Suite:
     unknown = sorted(set(data) - set(TOP_LEVEL))
     _check(not unknown, f"unknown section(s) {unknown} (known: {', '.join(TOP_LEVEL)})")
     base = _decode(data.get("decode") or {})
-    floors = _section("floors", Floors, data.get("floors") or {})
+    floors = section("floors", Floors, data.get("floors") or {})
     corpora = tuple(_corpus(i, c, origin) for i, c in enumerate(_list(data, "corpora")))
     return Suite(
         name=str(data.get("name") or (origin.stem if origin else "suite")), corpora=corpora,
-        models=_section("models", ModelSpec, _models(data.get("models") or {}, origin)),
+        models=section("models", ModelSpec, _models(data.get("models") or {}, origin)),
         methods=tuple(_method(i, m, base, floors, origin) for i, m in enumerate(_list(data, "methods"))),
         peers=tuple(_peer(i, p) for i, p in enumerate(_list(data, "peers"))),
         batch_size=int(data.get("batch_size", 8)), batch_docs=int(data.get("batch_docs", 0)),
         single=data.get("single", True), base=base, floors=floors,
-        sweep=_section("sweep", SweepSpec, data["sweep"]) if data.get("sweep") else None,
+        sweep=section("sweep", SweepSpec, data["sweep"]) if data.get("sweep") else None,
         calibration_bins=int(data.get("calibration_bins", 10)),
         bootstrap_samples=int(data.get("bootstrap_samples", 1000)),
-        tolerances=_section("tolerances", Tolerances, data.get("tolerances") or {}),
-        execution=_section("execution", ExecutionSpec, data.get("execution") or {}))
+        tolerances=section("tolerances", Tolerances, data.get("tolerances") or {}),
+        execution=section("execution", ExecutionSpec, data.get("execution") or {}))
 
 
 def _list(data: dict[str, Any], key: str) -> list[Any]:
@@ -345,16 +345,16 @@ def _corpus(index: int, data: Any, origin: Path | None) -> SuiteCorpus:
     _check(isinstance(data, dict), f"{where} must be a mapping with at least `path`")
     data = dict(data)
     if origin is not None:
-        data["path"] = _beside(origin, data.get("path"))
-    data["prompt"] = _section(f"{where}.prompt", PromptSpec, data.get("prompt") or {})
-    return _section(where, SuiteCorpus, data)
+        data["path"] = beside(origin, data.get("path"))
+    data["prompt"] = section(f"{where}.prompt", PromptSpec, data.get("prompt") or {})
+    return section(where, SuiteCorpus, data)
 
 
 def _models(data: Any, origin: Path | None) -> Any:
     """Model directories given relative to the suite file (hub names and kinds are left alone)."""
     if not isinstance(data, dict) or origin is None:
         return data
-    return {**data, **{k: _beside(origin, data[k]) for k in ("target", "drafter") if k in data}}
+    return {**data, **{k: beside(origin, data[k]) for k in ("target", "drafter") if k in data}}
 
 
 def _method(index: int, data: Any, base: DecodeSettings, floors: Floors, origin: Path | None) -> MethodEntry:
@@ -373,11 +373,11 @@ def _method(index: int, data: Any, base: DecodeSettings, floors: Floors, origin:
         settings = DecodeSettings.from_dict(_merge(base.to_dict(), over))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where} ({name!r}): {err}") from err
-    own = _section(f"{where}.floors", Floors, {**floors.__dict__, **data["floors"]}) if data.get("floors") else None
+    own = section(f"{where}.floors", Floors, {**floors.__dict__, **data["floors"]}) if data.get("floors") else None
     return MethodEntry(name=name, settings=settings, optional=bool(data.get("optional", method == "specbound")),
                        limit=data.get("limit"), batch=bool(data.get("batch", True)),
                        checked=bool(data.get("checked", method != "ar")), floors=own,
-                       drafter=_beside(origin, data.get("drafter")) if origin else data.get("drafter"))
+                       drafter=beside(origin, data.get("drafter")) if origin else data.get("drafter"))
 
 
 def _peer(index: int, data: Any) -> PeerEntry:
@@ -385,4 +385,4 @@ def _peer(index: int, data: Any) -> PeerEntry:
         kind = data.removeprefix("hf-")
         _check(kind in PEER_KINDS, f"peers[{index}]: {data!r} is not a peer kind ({', '.join(PEER_KINDS)})")
         data = {"kind": kind}
-    return _section(f"peers[{index}]", PeerEntry, data)
+    return section(f"peers[{index}]", PeerEntry, data)

@@ -1,5 +1,5 @@
 """SpecBound's calibration (`cmsd-jobs calibrate`): fit its exit temperatures on a small corpus, store them beside
-the model.
+the model (the fit is cmsd.train.calibrate's).
 
 Writes <model home>/specbound.json (read by `--method specbound`), and with --report DIR a calibration.md table
 (per-layer agreement with the final layer, ECE before and after) and a reliability plot.
@@ -7,9 +7,7 @@ Writes <model home>/specbound.json (read by `--method specbound`), and with --re
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 from jobs.errors import BadInput
 
@@ -19,6 +17,7 @@ def calibrate_target(target: str, corpus: str, task: str, limit: int, max_tokens
     """Fit SpecBound's per-layer exit temperatures and pick its exit layer for `target` on the first `limit` rows of
     `corpus`; store them beside the model. Returns the calibration table (markdown) and where it was saved."""
     from cmsd import ModelError, PromptTemplate, load_pair
+    from cmsd.train.calibrate import fit_and_store
     from jobs.batch.corpus import read_corpus
     from jobs.batch.spec import CorpusSpec
 
@@ -37,24 +36,9 @@ def calibrate_target(target: str, corpus: str, task: str, limit: int, max_tokens
     table = calibration_table(cal)
     if report:
         report.mkdir(parents=True, exist_ok=True)
-        (report / "calibration.md").write_text(table + f"\n![reliability](reliability.png)\n")
+        (report / "calibration.md").write_text(table + "\n![reliability](reliability.png)\n")
         reliability_plot(cal, report / "reliability.png")
     return table, path
-
-
-def fit_and_store(target: Any, prompts: list[list[int]], name: str, k_max: int, max_tokens: int
-                  ) -> tuple[Any, Path]:
-    """cmsd.selfspec.calibrate over `prompts` (token ids) for `target` (a LoadedModel; `name` as the user named it),
-    stored beside the model where `--method specbound` reads it. Returns the Calibration and its path."""
-    from cmsd.selfspec import calibrate, calibration_path
-
-    cal = calibrate(target.model, prompts, name, k_max=k_max, max_tokens=max_tokens)
-    path = calibration_path(target.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")  # several processes may calibrate the same model
-    cal.save(partial)
-    partial.replace(path)
-    return cal, path
 
 
 def calibration_table(cal) -> str:

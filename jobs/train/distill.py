@@ -5,7 +5,7 @@
 Per corpus, the first --holdout rows are held out (the evaluation suites decode the first rows, so a drafter
 measured there has not seen them); the next --docs rows are decoded by the target (greedy) and the next
 --text-docs rows are used as text (prompt + reference). The target's top-k next-token probabilities over those
-sequences are computed once; the drafter (cmsd.distill) trains on them with a progress bar, checkpointing to
+sequences are computed once; the drafter (cmsd.train.distill) trains on them with a progress bar, checkpointing to
 OUT/work so an interrupted run resumes where it stopped. At the end, a held-out check on --eval-docs rows of each
 corpus: top-1 agreement with the target on its own continuations and the tokens per target call at k = 4.
 
@@ -36,7 +36,7 @@ class DistillJob:
     """What `cmsd-jobs distill` was asked: its options, whose defaults and help are in jobs/cli/train.py (one place)."""
 
     target: str
-    kind: str  # model: a small model that drafts alone; head: a feature head on the target's features (cmsd.head)
+    kind: str  # model: a small model that drafts alone; head: a feature head on the target's features
     corpora: tuple[str, ...]
     out: Path  # the drafter directory; OUT/work keeps the stages and the checkpoint
     layers: int | None  # model: the target's first layers-1 and its last (default 2); head: its layers (default 1)
@@ -65,8 +65,9 @@ def run_distill(job: DistillJob) -> str:
 
     from cmsd import ModelError, load_pair
     from cmsd.decode import eos_ids
-    from cmsd.distill import (DistillSettings, TeacherData, draft_vocabulary, evaluate, init_drafter,
-                              save_drafter, teacher_targets, train)
+    from cmsd.train.data import TeacherData, draft_vocabulary, teacher_targets
+    from cmsd.train.distill import evaluate, init_drafter, save_drafter, train
+    from cmsd.train.loop import DistillSettings
 
     head_kind = job.kind == "head"
     target, corpora, out, steps = job.target, job.corpora, job.out, job.steps
@@ -91,7 +92,7 @@ def run_distill(job: DistillJob) -> str:
     if not 1 <= layers < total:
         raise BadInput(f"--layers must be between 1 and {total - 1}")
     if head_kind:
-        from cmsd.head import check_head_target
+        from cmsd.drafters.head import check_head_target
 
         try:
             check_head_target(pair.target.model)
@@ -199,7 +200,8 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
                 work: Path, started: float, stage_seconds: dict, say) -> str:
     """The feature-head branch of run_distill: train, score held out (teacher forced, and decoding the held-out
     prompts with the head: tokens per target call), save the head directory."""
-    from cmsd.head import FeatureHead, evaluate_head, train_head
+    from cmsd.drafters.head import FeatureHead
+    from cmsd.train.head import decode_held_out, evaluate_head, save_head, train_head
 
     head = FeatureHead(pair.target.model, layers, vocab, name=str(job.out))
     before = evaluate_head(head, held)
@@ -209,33 +211,22 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
     after = evaluate_head(head, held)
     say(f"after {state.step} steps: held-out first-token acceptance {after.acceptance:.3f}, KL {after.kl:.3f}, "
         f"draft-vocabulary coverage {after.coverage:.3f}")
-    calls = _head_calls(pair, head, held, job.new_tokens, say)
+    calls = _head_calls(pair, head, held, job.new_tokens, say, decode_held_out)
     per_corpus = _per_corpus(rows, held_rows, held, lambda part: asdict(evaluate_head(head, part)))
     meta = {**_meta(job, layers, state, data, settings, started - earlier, stage_seconds),
             "heldout_before": asdict(before),
             "heldout": {**asdict(after), **calls}, "heldout_per_corpus": per_corpus,
             "draft_vocab": len(vocab)}
     card = _head_card(meta)
-    head.save(job.out, job.target, meta, card)
+    save_head(head, job.out, job.target, meta, card)
     (job.out / "distill.json").write_text(json.dumps(meta, indent=2))
     return card
 
 
-def _head_calls(pair, head, held, new_tokens: int, say) -> dict:
-    """Decode the held-out prompts with the head (strict cmasd, batch 1, the decoder's own chain lengths): the
-    target's output, so tokens per target call and acceptance are what a job would see."""
-    from cmsd import DecodeSettings, Decoder, DocStats, ModelPair
-
-    prompts = [seq[:start].tolist() for seq, start in zip(held.seqs, held.answer_starts)]
-    decoder = Decoder(ModelPair(pair.target, head), DecodeSettings(method="cmasd", verify="strict",
-                                                                   max_new_tokens=new_tokens, batch_size=1,
-                                                                   trace=False))
-    with _bar(len(prompts), "held-out decoding with the head", "doc") as bar:
-        gens = decoder.generate_ids(prompts, progress=bar.update)
-    total = DocStats.total([g.stats for g in gens])
-    rates = total.rates()
-    out = {"tokens_per_call": rates["tokens_per_call"], "draft_acceptance": rates["acceptance_rate"],
-           "drafted_per_call": total.drafted / max(total.target_calls, 1), "decoded_docs": len(prompts)}
+def _head_calls(pair, head, held, new_tokens: int, say, decode_held_out) -> dict:
+    """Decode the held-out prompts with the head (cmsd.train.head.decode_held_out) under a progress bar."""
+    with _bar(len(held.seqs), "held-out decoding with the head", "doc") as bar:
+        out = decode_held_out(pair.target, head, held, new_tokens, bar.update)
     say(f"held-out decoding: {out['tokens_per_call']:.2f} tokens per target call, {out['draft_acceptance']:.3f} of "
         f"drafted tokens accepted")
     return out
@@ -269,17 +260,13 @@ def _rows(path: str, task: str, tokenizer: Any, wanted: int, budget: int) -> lis
 
 
 def _generate(pair: Any, prompts: list[list[int]], new_tokens: int, say) -> Sequences:
-    """The target's greedy continuations (strict CM-ASD: the same tokens as greedy decoding, faster)."""
-    from cmsd import DecodeSettings, Decoder
+    """The target's greedy continuations (cmsd.train.data.greedy_continuations) under a progress bar."""
+    from cmsd.train.data import greedy_continuations
 
-    if not prompts:
-        return Sequences([], [])
-    decoder = Decoder(pair, DecodeSettings(method="cmasd", verify="strict", max_new_tokens=new_tokens, batch_size=8,
-                                           trace=False))
     with _bar(len(prompts), "target decoding", "doc") as bar:
-        gens = decoder.generate_ids(prompts, progress=bar.update)
-    say(f"target decoded {len(prompts)} rows, {sum(len(g.token_ids) for g in gens)} tokens")
-    return Sequences([p + g.token_ids for p, g in zip(prompts, gens)], [len(p) for p in prompts])
+        seqs, starts = greedy_continuations(pair, prompts, new_tokens, bar.update)
+    say(f"target decoded {len(prompts)} rows, {sum(len(s) - n for s, n in zip(seqs, starts))} tokens")
+    return Sequences(seqs, starts)
 
 
 def _bar(total: int, desc: str, unit: str):
@@ -357,7 +344,7 @@ tags: [speculative-decoding, drafter, eagle, feature-head, cmsd]
 ---
 # Feature head for {meta['target']}
 
-A feature head (cmsd.head) for speculative decoding with `{meta['target']}`: it drafts token t+2 from the target's
+A feature head (cmsd.drafters.head) for speculative decoding with `{meta['target']}`: it drafts token t+2 from the target's
 feature at t and the embedding of token t+1 through a fusing linear layer, {meta['layers']} decoder layer(s) shaped like
 the target's (started from its last), its final norm and its frozen LM head over {meta['draft_vocab']} draft ids, and keeps
 drafting from its own output features. Trained on the target's features and top-{meta['settings']['top_k']}

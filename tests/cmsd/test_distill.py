@@ -1,4 +1,4 @@
-"""Distilling a drafter from its target (cmsd.distill): the KL to the target falls, the reduced draft vocabulary
+"""Distilling a drafter from its target (cmsd.train.distill): the KL to the target falls, the reduced draft vocabulary
 drafts only its ids, and the saved directory loads as a drafter whose strict output is the target's greedy output."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from cmsd import DecodeSettings, Decoder, load_pair
-from cmsd.distill import (DistillSettings, DraftVocabHead, TeacherData, draft_vocabulary, evaluate, init_drafter,
-                          save_drafter, student_logits, teacher_targets, train, use_draft_vocab)
+from cmsd.drafters.model import DraftVocabHead, use_draft_vocab
+from cmsd.train.data import TeacherData, draft_vocabulary, teacher_targets
+from cmsd.train.distill import evaluate, init_drafter, save_drafter, student_logits, train
+from cmsd.train.loop import DistillSettings
 from tests.raytest import tiny_target  # noqa: F401  (fixture)
 from tests.tiny import TINY_VOCAB, UNCAPPED, random_prompts, tiny_llama
 

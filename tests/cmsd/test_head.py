@@ -1,6 +1,7 @@
-"""The feature head (cmsd.head): strict decoding with it is the target's greedy output token for token, at every
-batch size and method; sampling and the relaxed rules run with it; its drafts are accepted and rolled back; a head
-is a directory that loads for its own target only. On the real model: tests/cmsd/test_real_model.py."""
+"""The feature head (cmsd.drafters.head; trained by cmsd.train.head): strict decoding with it is the target's greedy
+output token for token, at every batch size and method; sampling and the relaxed rules run with it; its drafts are
+accepted and rolled back; a head is a directory that loads for its own target only. On the real model:
+tests/cmsd/test_real_model.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 
 import cmsd.decode
 from cmsd import ControlSettings, DecodeSettings, Decoder, HeadSettings, LoadedModel, ModelError, ModelPair
-from cmsd.distill import DistillSettings, draft_vocabulary, teacher_targets
-from cmsd.head import FeatureHead, HeadError, evaluate_head, load_head, train_head
+from cmsd.drafters.head import FeatureHead, HeadError, load_head
+from cmsd.train.data import draft_vocabulary, teacher_targets
+from cmsd.train.head import evaluate_head, save_head, train_head
+from cmsd.train.loop import DistillSettings
 from tests.cmsd.test_tree import _counting
 from tests.tiny import UNCAPPED, greedy_reference, random_prompts, repetitive_prompts, tiny_bart, tiny_llama
 
@@ -109,7 +112,7 @@ def test_sampling_and_relaxed_rules_run_with_a_head(method: str, verify: str, te
 def test_a_head_directory_loads_for_its_target_only(tmp_path: Path) -> None:
     target = tiny_llama(seed=0)
     head = _trained_head(target, steps=5)
-    head.save(tmp_path / "head", "tiny-0", {"note": "test"}, "# card\n")
+    save_head(head, tmp_path / "head", "tiny-0", {"note": "test"}, "# card\n")
     loaded = load_head(tmp_path / "head", target)
     assert torch.equal(loaded.vocab, head.vocab) and loaded.info.target == "tiny-0"
     prompts = random_prompts(5, 3)

@@ -12,7 +12,8 @@ from torch import nn
 from cmsd import ConfidenceSettings, DecodeSettings, Decoder, LoadedModel, ModelPair, NgramSettings
 from cmsd import kernels
 from cmsd.decode import pass_budget
-from cmsd.drafters import NgramTreeDrafter, Sampler
+from cmsd.drafters.base import Sampler
+from cmsd.drafters.ngram import NgramTreeDrafter
 from cmsd.kernels import decode_kernels, forward_costs, linear, small_row_counts
 from tests.tiny import (UNCAPPED, ModelledCosts, greedy_reference, random_prompts, repetitive_prompts, timed_by,
                         tiny_bart, tiny_llama)

@@ -12,7 +12,8 @@ import torch
 
 from cmsd.confidence import confidence
 from cmsd.control import Controller
-from cmsd.drafters import Draft, SuffixIndex, continuation_counts
+from cmsd.drafters.base import Draft
+from cmsd.drafters.ngram import SuffixIndex, continuation_counts
 from cmsd.kv import HoleyState
 from cmsd.settings import ConfidenceSettings, ControlSettings, DecodeSettings, NgramSettings
 from tests.tiny import tiny_llama
@@ -38,7 +39,8 @@ def test_confidence_values_and_bounds() -> None:
 
 
 def test_ngram_q_trusts_longer_matches_more() -> None:
-    from cmsd.drafters import NgramDrafter, Sampler
+    from cmsd.drafters.base import Sampler
+    from cmsd.drafters.ngram import NgramDrafter
 
     drafter = NgramDrafter([[1, 2]], 100, NgramSettings(kappa=1.5), ConfidenceSettings(mode="softmax"), Sampler(),
                            torch.device("cpu"))

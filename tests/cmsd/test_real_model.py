@@ -86,11 +86,13 @@ def test_strict_tree_drafts_equal_transformers_greedy(smollm2_ngram) -> None:
 
 
 def test_a_drafter_distilled_from_smollm2_drafts_and_stays_lossless(smollm2_ngram, tmp_path) -> None:
-    """cmsd.distill on the real target: a short distillation lowers the KL on held-out text; the saved directory
+    """cmsd.train.distill on the real target: a short distillation lowers the KL on held-out text; the saved directory
     loads as a drafter with its reduced vocabulary and strict CM-ASD with it is the target's greedy output."""
     from cmsd import load_pair
-    from cmsd.distill import (DistillSettings, DraftVocabHead, draft_vocabulary, evaluate, init_drafter,
-                              save_drafter, teacher_targets, train)
+    from cmsd.drafters.model import DraftVocabHead
+    from cmsd.train.data import draft_vocabulary, teacher_targets
+    from cmsd.train.distill import evaluate, init_drafter, save_drafter, train
+    from cmsd.train.loop import DistillSettings
 
     pair = smollm2_ngram
     template = PromptTemplate("summarization")

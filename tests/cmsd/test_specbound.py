@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cmsd import ControlSettings, DecodeSettings, Decoder, LoadedModel, ModelPair
-from cmsd.selfspec import Calibration, LayeredState, calibrate, calibration_path, predicted_speedup
+from cmsd.drafters.selfspec import Calibration, LayeredState, calibration_path, predicted_speedup
+from cmsd.train.calibrate import calibrate
 from cmsd.settings import SpecBoundSettings
 from tests.tiny import UNCAPPED, greedy_reference, random_prompts, tiny_bart, tiny_llama
 
@@ -73,7 +74,7 @@ def test_falls_back_to_ar_with_a_warning_when_calibration_predicts_a_slowdown(tm
         layer.agreement = 0.1
     cal.save(calibration_path(model_dir))
     pair = ModelPair(LoadedModel("tiny", model, None, path=model_dir), "self")
-    with caplog.at_level(logging.WARNING, logger="cmsd.selfspec"):
+    with caplog.at_level(logging.WARNING, logger="cmsd.drafters.selfspec"):
         decoder = Decoder(pair, DecodeSettings(method="specbound", max_new_tokens=NEW))
     assert "predicts" in caplog.text and decoder.settings.method == "ar"
     prompts = random_prompts(2, 2)

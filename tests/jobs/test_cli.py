@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cmsd.head import SHIPPED
+from cmsd.drafters.head import SHIPPED
 from jobs.cli import main
 from tests.raytest import articles, write_jsonl
 

@@ -15,34 +15,32 @@ best first by the product of the head's q along each path) is one more head step
 
 A head is a directory: head.json (its configuration, the target it was trained for, the draft vocabulary) and
 head.safetensors (fc and the layers; the embedding and the LM head are the target's), plus a model card.
-`cmsd-jobs distill --kind head` trains one (jobs/train/distill.py); `load_head` loads one for a target.
+`cmsd-jobs distill --kind head` trains one (cmsd.train.head, driven by jobs/train/distill.py); `load_head` loads one
+for a target.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, DynamicCache, PreTrainedModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from cmsd.distill import (DraftVocabHead, DistillSettings, Progress, TeacherData, TrainState, _pad,
-                          soft_targets, train_loop, vocab_index)
-from cmsd.drafters import Draft, Drafter, Keep, Sampler, _DraftBuffer, worth_drafting
-from cmsd.kv import HoleyState
-from cmsd.models import HEAD_DRAFTER, ModelError, fingerprint, target_shape
 from cmsd.confidence import confidence
+from cmsd.drafters.base import Draft, DraftBuffer, Drafter, Keep, Sampler, worth_drafting
+from cmsd.drafters.model import DraftVocabHead
+from cmsd.identity import ModelError, fingerprint, target_shape
+from cmsd.kv import HoleyState
 from cmsd.settings import ConfidenceSettings, HeadSettings
 
+HEAD_DRAFTER = "head"  # the drafter name of the head shipped for the target; a head directory loads as well
 HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
-SHIPPED = Path(__file__).parent / "heads"  # heads that ship with cmsd, one directory per default target
-FEATURE_NOISE = 0.1  # training adds Gaussian noise of this many feature standard deviations to the input features:
-#                      drafting past the first token reads the head's own (inexact) features
+SHIPPED = Path(__file__).parents[1] / "heads"  # heads that ship with cmsd, one directory per default target
 
 
 class HeadError(ModelError):
@@ -135,27 +133,13 @@ class FeatureHead(nn.Module):
         """Logits over the draft vocabulary only (training)."""
         return g @ self.lm_head.weight_sub.T
 
-    # -- files ---------------------------------------------------------------------------------------------------
-    def save(self, out: Path, target_name: str, meta: dict, card: str) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        full = len(self.vocab) == self.lm_head.vocab_size
-        info = HeadInfo(target_name, self.fingerprint, len(self.body.layers), [] if full else self.vocab.tolist(),
-                        meta, self.shape)
-        (out / HEAD_CONFIG).write_text(json.dumps(asdict(info)))
-        weights = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.trainable_state().items()}
-        save_file(weights, str(out / HEAD_WEIGHTS))
-        (out / "README.md").write_text(card)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
-
 
 def is_head_dir(path: str | Path) -> bool:
     return (Path(path) / HEAD_CONFIG).is_file()
 
 
 def names_head(drafter: object) -> bool:
-    """Whether a drafter is a feature head or names one: "head" (cmsd.models.HEAD_DRAFTER) or a head directory."""
+    """Whether a drafter is a feature head or names one: "head" (HEAD_DRAFTER) or a head directory."""
     return isinstance(drafter, FeatureHead) or isinstance(drafter, (str, Path)) and (
         drafter == HEAD_DRAFTER or is_head_dir(drafter))
 
@@ -175,7 +159,7 @@ def shipped_head(target: PreTrainedModel, by_shape: bool = False) -> Path:
 
 
 def head_dir(drafter: str, target: PreTrainedModel, by_shape: bool = False) -> Path:
-    """The directory a head drafter names: "head" (cmsd.models.HEAD_DRAFTER) is the one shipped for `target`."""
+    """The directory a head drafter names: "head" (HEAD_DRAFTER) is the one shipped for `target`."""
     return shipped_head(target, by_shape) if drafter == HEAD_DRAFTER else Path(drafter)
 
 
@@ -255,7 +239,7 @@ class HeadDrafter(Drafter):
     continuations each are the next depth's candidates, none whose path's q is under tree.tree_min_p (and no deeper
     pass once none is left); the tree is the min(tree.tree_tokens, k[b]) likeliest of all the candidates, and with
     `costs` (a pass over 1, 2, ... tokens in 1-token steps) a single row's tree is cut to the size that maximizes
-    the expected tokens per cost (cmsd.drafters.worth_drafting). The controller's keep gate and k_j do not bound a
+    the expected tokens per cost (cmsd.drafters.base.worth_drafting). The controller's keep gate and k_j do not bound a
     tree."""
 
     def __init__(self, head: FeatureHead, target: HoleyState, prompts: list[list[int]], capacity: int,
@@ -303,7 +287,7 @@ class HeadDrafter(Drafter):
             self._clear_pending()
         if self.tree:
             return self._grow(k, active, width)
-        buf = _DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
+        buf = DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
         g = self.state.last
         for j in range(width):
             x, active, done = buf.take(j, self.head.logits(g).float(), active, k, keep, self.conf_settings,
@@ -390,103 +374,3 @@ class HeadDrafter(Drafter):
         index = torch.tensor(rows, device=self.pending.device)
         self.pending_ok[index] = False
         self.ready[index] = torch.tensor([len(p) > 1 for p in prompts], device=self.pending.device)
-
-
-# -- training ----------------------------------------------------------------------------------------------------
-
-def head_inputs(data: TeacherData, rows: list[int], device: torch.device, noise: float = 0.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded [B, L-1] inputs of the rows' sequences: features f_0..f_{L-2} [B, L-1, H] (with noise), tokens
-    x_1..x_{L-1} and the attention mask."""
-    seqs = [data.seqs[i] for i in rows]
-    ids, mask = _pad([s[1:].tolist() for s in seqs], device)
-    width, hidden = ids.shape[1], data.features[rows[0]].shape[1]
-    feats = torch.zeros(len(rows), width, hidden, device=device)
-    for r, i in enumerate(rows):
-        f = data.features[i][:-1].float().to(device)
-        feats[r, :len(f)] = f
-    if noise:
-        scale = noise * feats[mask.bool()].std()
-        feats = feats + scale * torch.randn(feats.shape, generator=generator, device=device) * mask[..., None]
-    return feats, ids, mask
-
-
-def shifted(data: TeacherData, rows: list[int]) -> TeacherData:
-    """The teacher's data one position on: the head's output at t is scored against the target at t + 1."""
-    return TeacherData([data.seqs[i][1:] for i in rows], [max(0, data.answer_starts[i] - 1) for i in rows],
-                       [data.top_ids[i][1:] for i in rows], [data.top_p[i][1:] for i in rows],
-                       [data.features[i][1:] for i in rows])
-
-
-def head_loss(head: FeatureHead, data: TeacherData, rows: list[int], index: torch.Tensor,
-              generator: torch.Generator, feature_weight: float = 0.1) -> torch.Tensor:
-    """Soft cross-entropy from the target's distribution at t + 1 to the head's q from (f_t, x_{t+1}), plus a
-    smooth-L1 pull of g_{t+1} towards the target's feature f_{t+1} (EAGLE's two losses)."""
-    device = head.fc.weight.device
-    feats, ids, mask = head_inputs(data, rows, device, FEATURE_NOISE, generator)
-    g = head.run(feats, ids, attention_mask=mask)
-    nxt = shifted(data, rows)
-    cols, probs, counted = soft_targets(nxt, list(range(len(rows))), ids.shape[1], index, device)
-    counted = counted & mask.bool()
-    logp = torch.log_softmax(head.draft_logits(g).float(), -1)
-    ce = -((logp.gather(-1, cols) * probs).sum(-1) * counted).sum() / counted.sum().clamp(min=1)
-    truth, _, _ = head_inputs(nxt, list(range(len(rows))), device)
-    truth = torch.cat([truth, torch.zeros_like(truth[:, :1])], 1)[:, :g.shape[1]]  # f_{t+1}; the last has none
-    has = mask.bool().clone()
-    lengths = mask.sum(1)
-    has[torch.arange(len(rows)), (lengths - 1).clamp(min=0)] = False
-    reg = F.smooth_l1_loss(g.float()[has], truth[has], reduction="mean") if bool(has.any()) else g.sum() * 0
-    return ce + feature_weight * reg
-
-
-def train_head(head: FeatureHead, data: TeacherData, settings: DistillSettings, progress: Progress | None = None,
-               checkpoint: Path | None = None) -> TrainState:
-    index = vocab_index(head.vocab, head.lm_head.vocab_size)
-    head.embed.weight.requires_grad_(False)  # the target's: frozen
-    generator = torch.Generator(device=head.fc.weight.device).manual_seed(settings.seed)
-    return train_loop(head, data, settings, lambda rows: head_loss(head, data, rows, index, generator),
-                      progress, checkpoint)
-
-
-@dataclass
-class HeadHeldOut:
-    positions: int  # continuation positions scored
-    acceptance: float  # first-token acceptance: top-1 of q(x_{t+2} | f_t, x_{t+1}) == the target's, continuations
-    acceptance_all: float  # ... at every position, prompts included
-    kl: float  # KL(target || head) over the draft vocabulary, continuation positions
-    coverage: float  # share of the target's continuation tokens inside the draft vocabulary
-    confident_share: float = 0.0  # continuation positions where the head's top-1 probability is >= 0.5
-    confident_acceptance: float = 0.0
-
-
-@torch.inference_mode()
-def evaluate_head(head: FeatureHead, data: TeacherData) -> HeadHeldOut:
-    """Teacher-forced on held-out sequences (prompt + the target's greedy continuation): at each position the head
-    reads the target's real feature, as the first drafted token of every iteration does."""
-    device, was_training = head.fc.weight.device, head.training
-    head.eval()
-    index = vocab_index(head.vocab, head.lm_head.vocab_size)
-    hits = hits_all = positions = total = inside = sure = sure_hits = 0
-    kl = 0.0
-    for i in range(len(data.seqs)):
-        if len(data.seqs[i]) < 3:
-            continue
-        feats, ids, mask = head_inputs(data, [i], device)
-        logp = torch.log_softmax(head.draft_logits(head.run(feats, ids, attention_mask=mask)).float(), -1)[0]
-        nxt = shifted(data, [i])
-        theirs = nxt.top_ids[0][:, 0].long()[:len(logp)]  # the target's greedy token after x_{t+1}
-        mine = head.vocab.to(device)[logp.argmax(-1)].cpu()
-        match = mine == theirs
-        start = max(nxt.answer_starts[0] - 1, 0)  # continuation positions: the predicted token is generated
-        cont = match[start:]
-        cols, probs, counted = soft_targets(nxt, [0], len(logp), index, device)
-        p = (probs[0] * counted[0, :, None])[start:]
-        kl += float((p * (p.clamp(min=1e-12).log() - logp[start:].gather(-1, cols[0, start:]))).sum())
-        confident = (logp.max(-1).values.exp().cpu() >= 0.5)[start:]
-        hits, hits_all = hits + int(cont.sum()), hits_all + int(match.sum())
-        positions, total = positions + len(cont), total + len(match)
-        inside += int((index[theirs[start:]] >= 0).sum())
-        sure, sure_hits = sure + int(confident.sum()), sure_hits + int((cont & confident).sum())
-    head.train(was_training)
-    return HeadHeldOut(positions, hits / max(positions, 1), hits_all / max(total, 1), kl / max(positions, 1),
-                       inside / max(positions, 1), sure / max(positions, 1), sure_hits / max(sure, 1))
