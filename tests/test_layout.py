@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmsd", "jobs", "workers")
 TRAINING = "cmsd.train"
@@ -145,3 +147,12 @@ def test_importing_cmsd_loads_no_training_code():
             "print(sorted(m for m in sys.modules if m.startswith('cmsd.train')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_source_file_of_the_packages_is_ignored_by_git():
+    """A module git ignores would be missing from every clone (CI's too) while the tests pass here."""
+    files = [str(p.relative_to(ROOT)) for p in project_modules().values()]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode == 128:
+        pytest.skip(f"not a git checkout: {out.stderr.strip()}")
+    assert out.stdout.split() == [], "ignored by git"
