@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Once for the whole session (one S3 server, one Ray): the fixtures of a real local Ray, a real S3 server and a tiny
+# target model on disk (tests/raytest.py).
+from tests.raytest import ray_local, s3_server, tiny_target  # noqa: E402, F401  (fixtures)
+
 
 @pytest.fixture(scope="session")
 def smollm2_ngram():

@@ -1,9 +1,20 @@
-"""The job directory on any pyarrow filesystem (a local path or an object-store URI).
+"""The job directory on any pyarrow filesystem (a local path or an object-store URI such as s3://bucket/runs).
 
-Every file is written under a temporary name in its final folder and then renamed (moved): a reader sees
-a whole file or none. A shard is done when its result file exists and accounts for the manifest's row count:
-its rows plus the rows the worker refused (too long for the model), which its metadata counts and
-errors/shard-NNNNN.worker.jsonl lists (written before the result file).
+A reader sees a whole file or none, by the means each kind of storage has:
+- on a local (or mounted) disk, a file is written under a temporary name in its final folder and renamed into place
+  (a rename is atomic there); a temporary file an interrupted attempt left behind is never listed or read as a
+  result, and `remove_temporary` clears them when a job resumes;
+- on an object store there is no rename (pyarrow's move is a copy and a delete), but an object PUT is atomic: the
+  object appears whole when its upload completes, or not at all. So the file is built in memory and written to its
+  final key in one upload, started only once the whole file is there: an attempt that fails or dies before then
+  writes nothing, and no temporary object is ever made. Two attempts of one shard (a retried shard whose first
+  attempt still runs) write the same key, each whole: the last one stands, and both hold the same documents.
+A shard is done when its result file exists, reads as Parquet and accounts for the manifest's row count: its rows
+plus the rows the worker refused (too long for the model), which its metadata counts and
+errors/shard-NNNNN.worker.jsonl lists (written before the result file). Object-store requests are retried with the
+AWS SDK's standard backoff (S3_ATTEMPTS), so a store that is away for a few seconds does not fail a shard.
+Credentials come from the environment (the AWS_* variables, a Kubernetes Secret) or pyarrow's usual sources, never
+from a spec: nothing here prints or stores them.
 """
 
 from __future__ import annotations
@@ -21,7 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TMP_PREFIX = ".tmp-"  # files being written; never read as results
+TMP_PREFIX = ".tmp-"  # files being written (local disks only); never read as results
+S3_ATTEMPTS = 6  # tries per S3 request: the SDK's standard retries wait up to 1, 2, 4, 8 s (with jitter) in between
 REFUSED_KEY = b"cmsd.refused_rows"  # result file metadata: the shard's rows the worker refused
 
 
@@ -62,12 +74,56 @@ def normalize_uri(location: str) -> str:
     return os.path.abspath(os.path.expanduser(location))
 
 
+class StoreError(Exception):
+    """A job directory that cannot be used: its store unreachable, its bucket missing, access denied."""
+
+
+def open_filesystem(uri: str, attempts: int = S3_ATTEMPTS) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem and path for a local path or URI; an S3 filesystem retries each request `attempts`
+    times (pyarrow's own default is 3, a fraction of a second in all)."""
+    fs, root = pafs.FileSystem.from_uri(uri)
+    if fs.type_name == "s3":
+        options = fs.__reduce__()[1][0]  # what from_uri resolved (endpoint, region, scheme, ...)
+        options = {**options, "region": fs.region}
+        fs = pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+    return fs, root
+
+
+def check_store(uri: str) -> None:
+    """Fail fast (StoreError, naming the URI and the cause) where a job directory on an object store cannot be
+    written: the endpoint unreachable, the bucket missing, the credentials refused. Local paths pass."""
+    uri = normalize_uri(uri)
+    if "://" not in uri or uri.startswith("file://"):
+        return
+    try:
+        fs, root = open_filesystem(uri, attempts=2)
+        bucket = root.split("/")[0]
+        info = fs.get_file_info(bucket)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StoreError(_store_error(uri, err)) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StoreError(f"{uri}: bucket {bucket!r} does not exist (cmsd-jobs creates no bucket: create it first)")
+
+
+def _store_error(uri: str, err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "ACCESS_DENIED" in text or "INVALID_ACCESS_KEY" in text or "SIGNATURE" in text.upper():
+        return (f"{uri}: access denied ({text}): check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "in the environment, or the Kubernetes Secret) and the bucket's policy")
+    if "NETWORK_CONNECTION" in text or "connect" in text.lower() or "resolve" in text.lower():
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = f" at {endpoint} (AWS_ENDPOINT_URL)" if endpoint else ""
+        return f"{uri}: cannot reach the object store{where}: {text}"
+    return f"{uri}: {text}"
+
+
 class JobStore:
     """Reads and writes files relative to one job directory, through pyarrow.fs."""
 
     def __init__(self, uri: str) -> None:
         self.uri = normalize_uri(uri)
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.fs, self.root = open_filesystem(self.uri)
+        self.renames = isinstance(self.fs, pafs.LocalFileSystem)  # atomic renames: local disks (not object stores)
 
     def __reduce__(self) -> tuple[type, tuple[str]]:  # picklable for Ray: rebuilt from the URI
         return (JobStore, (self.uri,))
@@ -90,14 +146,31 @@ class JobStore:
 
     @contextmanager
     def open_output(self, rel: str) -> Iterator[pa.NativeFile]:
-        """A stream that writes `rel` under a temporary name in the same folder, renamed once the block ends
-        without an error: all or nothing."""
+        """A stream that writes `rel` all or nothing, once the block ends without an error: on a local disk under a
+        temporary name in the same folder, then renamed; on an object store into memory, then one upload."""
         folder, _, name = rel.rpartition("/")
+        if not self.renames:
+            sink = pa.BufferOutputStream()
+            yield sink
+            data = sink.getvalue()  # the whole file: only now does its upload start
+            with self.fs.open_output_stream(self._full(rel)) as stream:
+                stream.write(data)
+            return
         self.fs.create_dir(self._full(folder), recursive=True)
         tmp = self._full(f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}" if folder else f"{TMP_PREFIX}{name}")
         with self.fs.open_output_stream(tmp) as stream:
             yield stream
         self.fs.move(tmp, self._full(rel))
+
+    def remove_temporary(self, folder: str) -> list[str]:
+        """Delete what interrupted writes left in a folder (temporary files; none on an object store). Only for
+        a job no attempt is writing to (a resume: the driver's actors died with it). Returns their names."""
+        selector = pafs.FileSelector(self._full(folder), allow_not_found=True)
+        left = [info.base_name for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX)]
+        for name in left:
+            self.fs.delete_file(self._full(f"{folder}/{name}"))
+        return left
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.open_output(rel) as stream:
@@ -139,8 +212,11 @@ class JobStore:
         """(rows, rows the worker refused) of a committed result file, or None when it is not there."""
         if not self.exists(rel):
             return None
-        with self.fs.open_input_file(self._full(rel)) as handle:
-            meta = pq.ParquetFile(handle).metadata
+        try:
+            with self.fs.open_input_file(self._full(rel)) as handle:
+                meta = pq.ParquetFile(handle).metadata
+        except pa.ArrowInvalid:  # not a whole Parquet file (written by other means than this store): not done
+            return None
         return meta.num_rows, int((meta.metadata or {}).get(REFUSED_KEY, b"0"))
 
 

@@ -17,7 +17,7 @@ from jobs.batch.progress import make_progress
 from jobs.batch.reducer import reduce_job
 from jobs.batch.report import write_report
 from jobs.batch.spec import JobSpec, apply_overrides
-from workers.store import JobStore, error_path, worker_error_path
+from workers.store import JobStore, StoreError, check_store, error_path, worker_error_path
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ def submit(spec: JobSpec, observer: Observer | None = None, stream: TextIO = sys
 
 
 def load_job(job_dir: str, overrides: dict[str, Any] | None = None) -> tuple[JobStore, JobSpec, Manifest]:
+    try:
+        check_store(job_dir)
+    except StoreError as err:
+        raise BadInput(str(err)) from None
     store = JobStore(job_dir)
     manifest = load_manifest(store)
     try:
@@ -59,6 +63,8 @@ def resume(job_dir: str, overrides: dict[str, Any] | None = None, observer: Obse
 
 def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observer | None = None,
             stream: TextIO = sys.stderr) -> JobResult:
+    for folder in ("results", "traces", "errors"):  # what writes interrupted with an earlier run left (local disks)
+        store.remove_temporary(folder)
     todo = unfinished(store, manifest)
     print(f"{len(manifest.shards) - len(todo)} of {len(manifest.shards)} shards done; running {len(todo)}",
           file=stream, flush=True)

@@ -24,7 +24,7 @@ from jobs.batch.models import check_models
 from jobs.batch.rows import GoodRow, checked_rows
 from jobs.batch.shards import ShardWriter, shard_sizes
 from jobs.batch.spec import JobSpec
-from workers.store import JobStore, normalize_uri
+from workers.store import JobStore, StoreError, check_store, normalize_uri
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,11 @@ class PreparedJob:
 
 
 def prepare(spec: JobSpec) -> PreparedJob:
-    """Check the prompt, the models and the corpus's first batch and fields. Writes nothing."""
+    """Check the output location, the prompt, the models and the corpus's first batch and fields. Writes nothing."""
+    try:  # an object store that cannot be reached or written fails here, before the corpus is read
+        check_store(spec.output.dir)
+    except StoreError as err:
+        raise BadInput(f"--out {err}") from None
     if spec.decode.method == "ar":
         spec = spec.with_("models", drafter=None)  # AR decodes with the target alone
     template = spec.template()

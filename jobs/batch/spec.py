@@ -8,6 +8,7 @@ out, goes into the job directory as spec.yaml.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,12 @@ class OutputSpec:
     job_id: str | None = None  # None: <date>-<time>-<corpus>-<method>-<4 hex>
 
 
+# a field name that holds a credential (matched against the last part of a dotted key)
+CREDENTIAL = re.compile(r"(secret|passw(or)?d|credential|(^|_)(access_key(_id)?|api_key|session_token|token)$)",
+                        re.IGNORECASE)
+CREDENTIALS_HELP = ("credentials are never taken from a spec or --set (they would be written to spec.yaml): set them "
+                    "in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; on Kubernetes the Secret that "
+                    "`cmsd-jobs k8s render` wires) or pyarrow's usual sources")
 SECTIONS: dict[str, type] = {"corpus": CorpusSpec, "task": TaskSpec, "prompt": PromptSpec, "models": ModelSpec,
                              "execution": ExecutionSpec, "output": OutputSpec}
 
@@ -128,6 +135,12 @@ class JobSpec:
         if unknown:
             raise BadInput(f"unknown spec section(s) {unknown} (known: {', '.join([*SECTIONS, 'decode'])})")
         parts = {name: section(name, kind, data.get(name) or {}) for name, kind in SECTIONS.items()}
+        corpus, output = parts["corpus"], parts["output"]
+        for where, uri in (("corpus.path", corpus.path), ("corpus.reference_path", corpus.reference_path),
+                           ("output.dir", output.dir)):
+            if isinstance(uri, str) and re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", uri):
+                raise BadInput(f"{where}: a URI with credentials in it (scheme://KEY:SECRET@...) is refused: "
+                               + CREDENTIALS_HELP)
         try:
             decode = DecodeSettings.from_dict(data.get("decode") or {})
         except (TypeError, ValueError) as err:
@@ -160,6 +173,8 @@ def section(name: str, kind: type, data: Any) -> Any:
         raise BadInput(f"spec section {name!r} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
+    if any(CREDENTIAL.search(str(k).rsplit(".", 1)[-1]) for k in unknown):
+        raise BadInput(f"{name}: {CREDENTIALS_HELP}")
     if unknown:
         raise BadInput(f"unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)} "
                        f"(known: {', '.join(sorted(known))})")
@@ -213,6 +228,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise BadInput(f"--set expects section.field=value, got {text!r}")
+    if CREDENTIAL.search(key.strip().rsplit(".", 1)[-1]):  # its value is never echoed
+        raise BadInput(f"--set {key.strip()}: {CREDENTIALS_HELP}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
