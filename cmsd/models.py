@@ -182,8 +182,8 @@ def load_pair(target: str = DEFAULT_TARGET, drafter: str | None = "ngram", devic
 
 def load_drafter(target: LoadedModel, drafter: str | None, trust_remote_code: bool = False):
     """A drafter for a loaded target: one of MODEL_DRAFTER_KINDS or None as is; "head" or a head directory: a
-    cmsd.drafters.head.FeatureHead trained for this target; else a model on the target's device and dtype that shares its
-    tokenizer (a distilled drafter with its reduced draft vocabulary)."""
+    cmsd.drafters.head.FeatureHead trained for this target; else a model on the target's device and dtype that shares
+    its tokenizer (a distilled drafter with its reduced draft vocabulary)."""
     if drafter is None or drafter in MODEL_DRAFTER_KINDS:
         return drafter
     if names_head(drafter):

@@ -136,9 +136,11 @@ class JobStore:
 
     def list(self, folder: str) -> list[str]:
         """Names of the committed files in a folder (temporary files left out), sorted."""
+        return sorted(name for name in self._file_names(folder) if not name.startswith(TMP_PREFIX))
+
+    def _file_names(self, folder: str) -> list[str]:
         selector = pafs.FileSelector(self._full(folder), allow_not_found=True)
-        names = [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
-        return sorted(name for name in names if not name.startswith(TMP_PREFIX))
+        return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self._full(rel)) as stream:
@@ -162,15 +164,14 @@ class JobStore:
             yield stream
         self.fs.move(tmp, self._full(rel))
 
-    def remove_temporary(self, folder: str) -> list[str]:
-        """Delete what interrupted writes left in a folder (temporary files; none on an object store). Only for
-        a job no attempt is writing to (a resume: the driver's actors died with it). Returns their names."""
-        selector = pafs.FileSelector(self._full(folder), allow_not_found=True)
-        left = [info.base_name for info in self.fs.get_file_info(selector)
-                if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX)]
-        for name in left:
-            self.fs.delete_file(self._full(f"{folder}/{name}"))
-        return left
+    def remove_temporary(self, folder: str) -> None:
+        """Delete what interrupted writes left in a folder: temporary files, on a local disk (an object store never
+        has any). Only for a job no attempt is writing to (a resume: the driver's actors died with it)."""
+        if not self.renames:
+            return
+        for name in self._file_names(folder):
+            if name.startswith(TMP_PREFIX):
+                self.fs.delete_file(self._full(f"{folder}/{name}"))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.open_output(rel) as stream:

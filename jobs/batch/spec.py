@@ -7,8 +7,8 @@ out, goes into the job directory as spec.yaml.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
 import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,13 @@ CREDENTIAL = re.compile(r"(secret|passw(or)?d|credential|(^|_)(access_key(_id)?|
 CREDENTIALS_HELP = ("credentials are never taken from a spec or --set (they would be written to spec.yaml): set them "
                     "in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; on Kubernetes the Secret that "
                     "`cmsd-jobs k8s render` wires) or pyarrow's usual sources")
+
+
+def is_credential(key: str) -> bool:
+    """Whether a (dotted) spec key names a credential, by its last part."""
+    return bool(CREDENTIAL.search(key.strip().rsplit(".", 1)[-1]))
+
+
 SECTIONS: dict[str, type] = {"corpus": CorpusSpec, "task": TaskSpec, "prompt": PromptSpec, "models": ModelSpec,
                              "execution": ExecutionSpec, "output": OutputSpec}
 
@@ -173,7 +180,7 @@ def section(name: str, kind: type, data: Any) -> Any:
         raise BadInput(f"spec section {name!r} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(kind)}
     unknown = sorted(set(data) - known)
-    if any(CREDENTIAL.search(str(k).rsplit(".", 1)[-1]) for k in unknown):
+    if any(is_credential(str(k)) for k in unknown):
         raise BadInput(f"{name}: {CREDENTIALS_HELP}")
     if unknown:
         raise BadInput(f"unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)} "
@@ -228,7 +235,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise BadInput(f"--set expects section.field=value, got {text!r}")
-    if CREDENTIAL.search(key.strip().rsplit(".", 1)[-1]):  # its value is never echoed
+    if is_credential(key):  # its value is never echoed
         raise BadInput(f"--set {key.strip()}: {CREDENTIALS_HELP}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None

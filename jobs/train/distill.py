@@ -201,7 +201,7 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
     """The feature-head branch of run_distill: train, score held out (teacher forced, and decoding the held-out
     prompts with the head: tokens per target call), save the head directory."""
     from cmsd.drafters.head import FeatureHead
-    from cmsd.train.head import decode_held_out, evaluate_head, save_head, train_head
+    from cmsd.train.head import evaluate_head, save_head, train_head
 
     head = FeatureHead(pair.target.model, layers, vocab, name=str(job.out))
     before = evaluate_head(head, held)
@@ -211,7 +211,7 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
     after = evaluate_head(head, held)
     say(f"after {state.step} steps: held-out first-token acceptance {after.acceptance:.3f}, KL {after.kl:.3f}, "
         f"draft-vocabulary coverage {after.coverage:.3f}")
-    calls = _head_calls(pair, head, held, job.new_tokens, say, decode_held_out)
+    calls = _head_calls(pair, head, held, job.new_tokens, say)
     per_corpus = _per_corpus(rows, held_rows, held, lambda part: asdict(evaluate_head(head, part)))
     meta = {**_meta(job, layers, state, data, settings, started - earlier, stage_seconds),
             "heldout_before": asdict(before),
@@ -223,8 +223,10 @@ def _train_head(job: DistillJob, pair, data, held, vocab, settings, layers: int,
     return card
 
 
-def _head_calls(pair, head, held, new_tokens: int, say, decode_held_out) -> dict:
+def _head_calls(pair, head, held, new_tokens: int, say) -> dict:
     """Decode the held-out prompts with the head (cmsd.train.head.decode_held_out) under a progress bar."""
+    from cmsd.train.head import decode_held_out
+
     with _bar(len(held.seqs), "held-out decoding with the head", "doc") as bar:
         out = decode_held_out(pair.target, head, held, new_tokens, bar.update)
     say(f"held-out decoding: {out['tokens_per_call']:.2f} tokens per target call, {out['draft_acceptance']:.3f} of "

@@ -234,7 +234,7 @@ def test_an_unusable_store_is_bad_input_and_nothing_is_written(case: str, s3_ser
             "wrong credentials": "access denied"}[case] in message
     assert "planted-wrong-secret-1234" not in done.stdout + done.stderr
     assert s3_server.objects(bucket[5:]) == before, "nothing written"
-    assert not s3_server.fs().get_file_info("no-such-bucket").type == pafs.FileType.Directory
+    assert s3_server.fs().get_file_info("no-such-bucket").type == pafs.FileType.NotFound
 
 
 def test_a_credential_in_the_spec_or_set_is_refused() -> None:

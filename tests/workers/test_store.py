@@ -69,3 +69,11 @@ def test_ipc_bytes_are_deterministic() -> None:
     assert ipc_bytes(table) == ipc_bytes(pa.table({"row": [3, 1], "id": ["c", "a"]}))
     assert checksum(ipc_bytes(table)).startswith("sha256:")
     assert read_ipc(ipc_bytes(table)).equals(table)
+
+
+def test_remove_temporary_clears_what_an_interrupted_write_left(store: JobStore, tmp_path) -> None:
+    store.write_bytes("results/shard-00000.parquet", b"whole")
+    (tmp_path / "job" / "results" / f"{TMP_PREFIX}abc-shard-00001.parquet").write_bytes(b"half")
+    store.remove_temporary("results")
+    assert [p.name for p in (tmp_path / "job" / "results").iterdir()] == ["shard-00000.parquet"]
+    store.remove_temporary("nothing-here")  # a folder that does not exist is fine
