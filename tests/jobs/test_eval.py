@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,14 @@ def run_eval(tmp_path: Path, suite: dict[str, Any], *args: str) -> tuple[Result,
     path.write_text(yaml.safe_dump(suite))
     result = CliRunner().invoke(main, ["eval", str(path), "--out", str(tmp_path / "runs"), *args])
     return result, tmp_path / "runs"
+
+
+def explain(result: Result) -> str:
+    """What a failed assertion on a run shows: its output, and the exception it ended with (an uncaught one ends a
+    CliRunner run with exit code 1 and no output of its own)."""
+    if result.exception is None or isinstance(result.exception, SystemExit):
+        return result.output
+    return result.output + "".join(traceback.format_exception(*result.exc_info))
 
 
 def run_dir(result: Result) -> Path:
@@ -164,9 +173,9 @@ def test_planted_regression_in_the_history_exits_1_naming_it(tmp_path: Path, cor
     pq.write_table(pa.Table.from_pylist(
         [{**r, "run_id": "20000101-000000-planted", "started": "2099-01-01"} for r in table]), planted)
     second, _ = run_eval(tmp_path, suite)
-    assert second.exit_code == 1, second.output
+    assert second.exit_code == 1, explain(second)
     lines = [line for line in second.output.splitlines() if line.startswith("REGRESSION")]
-    assert len(lines) == 1, second.output
+    assert len(lines) == 1, explain(second)
     assert "cmasd [batch-1, all]: tokens_per_call" in lines[0] and "20000101-000000-planted" in lines[0]
     assert "1 regression(s)" in (run_dir(second) / "report.md").read_text()
 
