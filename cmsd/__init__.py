@@ -11,7 +11,8 @@ The decode-time library, by part:
     control       the controller: draft lengths k_j, the c_stop gate, thresholds tau_t from confidence
     confidence    C_ent, C_margin, C_soft and their ensemble C from a drafter's logits
     kv            the KV states a decode feeds and rolls back (HoleyState, SyncState)
-    kernels       few-token linear layers and attention on CPU; the forward-cost measurements
+    kernels       few-token linear layers and attention on CPU; the forward- and step-cost measurements
+    tuning        a corpus's method and batch size chosen by measurement; the plans kept on disk
     settings      DecodeSettings and its sections;  stats: DocStats, the trace columns
     models        loading a target and its drafter (load_pair);  identity: a model's shape, fingerprint, cache dir
     prompts       the task prompts

@@ -182,7 +182,8 @@ class Decoder:
 
         live = admit(settings.batch_size)  # batch row b decodes prompts[live[b]]
         capacity = max(len(prompts[i]) for i in live) + settings.max_new_tokens + 2 * settings.control.k_max + 8
-        target, pending, drafter = self._open([prompts[i] for i in live], capacity, sampler)  # 1. prefill
+        drafting = settings.drafts and self.drafts_at(len(live))  # none left at this batch: AR's own path
+        target, pending, drafter = self._open([prompts[i] for i in live], capacity, sampler, drafting)  # 1. prefill
         controller = Controller(settings, len(live), device)
         iteration, mark = 0, rows[0].started
         while live:
@@ -258,15 +259,19 @@ class Decoder:
         target.commit(1 + verdict.accepted)
         return verdict, draft, tau
 
-    def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler
+    def drafts_at(self, rows: int) -> bool:
+        """Whether the verify budget leaves a row any draft at a batch of `rows` rows (verify_tokens // rows - 1)."""
+        return not self.verify_tokens or self.verify_tokens // rows - 1 > 0
+
+    def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler, drafting: bool
               ) -> tuple[HoleyState | SyncState, torch.Tensor, Drafter | None]:
-        """Prefill the target (and a model drafter); returns the target state, the first token each row feeds,
-        and the drafter."""
+        """Prefill the target (and a model drafter, when `drafting`); returns the target state, the first token each
+        row feeds, and the drafter (None: no drafter work at all, as AR)."""
         settings, drafter, model = self.settings, self.pair.drafter, self.pair.target.model
-        if self.self_spec and settings.drafts:
+        if self.self_spec and drafting:
             return self.self_spec.open(model, prompts, capacity, settings.confidence, sampler)
-        target, first = open_state(model, prompts, capacity, features=settings.drafts and isinstance(drafter, FeatureHead))
-        if not settings.drafts:
+        target, first = open_state(model, prompts, capacity, features=drafting and isinstance(drafter, FeatureHead))
+        if not drafting:
             return target, first, None
         if isinstance(drafter, FeatureHead):
             return target, first, HeadDrafter(drafter, target, prompts, capacity, settings.confidence, sampler,

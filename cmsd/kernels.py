@@ -33,6 +33,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
+from typing import Any
 from pathlib import Path
 from contextlib import contextmanager
 
@@ -124,9 +125,9 @@ def _on_disk(model: nn.Module, what: str, params: tuple, measure: Callable[[], l
     stopwatch times it (use_stopwatch) or the cache cannot be written."""
     if _stopwatch is not wall_clock:
         return measure()
-    key = {"what": what, "params": list(params), "model": fingerprint(model),
-           "dtype": str(next(model.parameters()).dtype), "cpu": _cpu_name(), "cpus": os.cpu_count(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    weight = next(model.parameters())
+    key = {"what": what, "params": list(params), "model": fingerprint(model), "dtype": str(weight.dtype),
+           **machine(weight.device), "torch": torch.__version__}
     path = cache_dir() / "kernels" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
                                       + ".json")
     try:
@@ -145,6 +146,13 @@ def _on_disk(model: nn.Module, what: str, params: tuple, measure: Callable[[], l
     except OSError as err:
         log.warning("cannot keep the %s measurement in %s: %s", what, path, err)
     return value
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What identifies the hardware a measurement holds for: the CPU, its cores and the threads torch uses, and the
+    GPU where the model is on one."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu}
 
 
 def _cpu_name() -> str:
@@ -244,6 +252,50 @@ def _time_forwards(model: nn.Module, width: int, repeats: int, context: int) -> 
     log.info("forward cost for 1..%d tokens, in 1-token forwards: %s (timed in %.1f s)", width,
              " ".join(f"{c:.2f}" for c in costs), time.perf_counter() - started)
     return costs
+
+
+def timed(what: tuple, work: Callable[[], object]) -> float:
+    """The seconds `work` took by the stopwatch in use (the wall clock, or a test's modelled costs)."""
+    return _stopwatch(what, work)
+
+
+def step_costs(model: nn.Module, shapes: Collection[tuple[int, int]], context: int, repeats: int = 2
+               ) -> dict[tuple[int, int], float]:
+    """Seconds of one decode pass of a decoder-only `model` per (rows, tokens a row) in `shapes`: every row after a
+    `context`-token cache (HoleyState, as the decode feeds it; one row prefilled, then copied, so no prefill of many
+    rows is paid), the fastest of `repeats` after a warm-up. On a GPU each pass is timed to its end (a
+    synchronize). Kept on disk once per machine and model (`_on_disk`), with the kernels in effect when called."""
+    shapes = sorted(set(shapes))
+    kernels = (model.config._attn_implementation,
+               next((sorted(m.small_rows) for m in model.modules() if isinstance(m, SmallRowsLinear)), None))
+    value = _on_disk(model, "step cost", (shapes, context, repeats, *kernels),
+                     lambda: _time_steps(model, shapes, context, repeats))
+    return {(rows, tokens): seconds for (rows, tokens), seconds in zip(shapes, value)}
+
+
+def _time_steps(model: nn.Module, shapes: list[tuple[int, int]], context: int, repeats: int) -> list[float]:
+    started = time.perf_counter()
+    config = model.config.get_text_config(decoder=True)
+    width = max(tokens for _, tokens in shapes)
+    length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
+    state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
+    out = []
+    with torch.inference_mode():
+        for rows, tokens in shapes:  # by rows: the one row's cache is copied to more rows as they grow
+            state.select(torch.zeros(rows, dtype=torch.long, device=model.device))
+            ids = torch.zeros(rows, tokens, dtype=torch.long, device=model.device)
+
+            def one_pass() -> None:
+                state.feed(ids, torch.ones_like(ids, dtype=torch.bool))
+                state.commit(torch.zeros(rows, dtype=torch.long, device=model.device))  # the cache as it was
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+
+            one_pass()  # warm-up
+            out.append(min(_stopwatch(("step", rows, tokens), one_pass) for _ in range(repeats)))
+    log.info("step cost for (rows, tokens) %s: %s s (timed in %.1f s)", shapes, " ".join(f"{c:.4f}" for c in out),
+             time.perf_counter() - started)
+    return out
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 METHODS = ("ar", "specdec", "adaptive-k", "adaptive-tau", "cmasd", "margin", "cmasd+margin", "specbound")
 VERIFY_MODES = ("strict", "relaxed")
 CONFIDENCE_MODES = ("ensemble", "entropy", "margin", "softmax")
+OBJECTIVES = ("throughput", "latency")  # what tuning (cmsd.tuning) picks a job's configuration for
 
 
 def _check(ok: bool, message: str) -> None:

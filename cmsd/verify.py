@@ -125,7 +125,7 @@ def _sample_next(p: torch.Tensor, q: torch.Tensor | None, accepted: torch.Tensor
     speculative sampling, from p otherwise (bonus, or relaxed rules)."""
     rows = torch.arange(p.shape[0], device=p.device)
     dist = p[rows, accepted]  # [B, V]
-    if q is not None:
+    if q is not None and q.shape[1]:  # (no row drafted this pass: nothing was rejected)
         rejected = accepted < lengths
         q_at = q[rows, accepted.clamp(max=q.shape[1] - 1)]
         residual = (dist - q_at).clamp(min=0)

@@ -82,7 +82,8 @@ def repetitive_prompts(seed: int, count: int) -> list[list[int]]:
 class ModelledCosts:
     """A stopwatch for cmsd.kernels' cost measurements (`use_stopwatch`) that runs the work and returns modelled
     seconds instead of the wall clock: a verify pass over n tokens costs 1 + slope (n - 1) single steps (at 0.1 the
-    automatic verify budget is 4 tokens a pass), and the (W @ x.T).T product costs half of torch's for the row counts
+    automatic verify budget is 4 tokens a pass; a pass of r rows of t tokens, as r t tokens; a tuning sample's
+    decode costs nothing beyond its passes), and the (W @ x.T).T product costs half of torch's for the row counts
     in `faster_rows`, the same for the others (so exactly those use it). tests/conftest.py installs one for the
     session with no faster rows (torch's own product, the faster one on most CPUs), so every test takes the same
     decode paths on any machine and under any load; tests/cmsd/test_kernels.py decodes with the small-row product."""
@@ -96,6 +97,10 @@ class ModelledCosts:
         self.calls.append(what)
         if what[0] == "forward":
             return 1.0 + self.slope * (what[1] - 1)
+        if what[0] == "step":  # a pass of `rows` rows of `tokens` tokens: as a pass over rows x tokens tokens
+            return 1.0 + self.slope * (what[1] * what[2] - 1)
+        if what[0] in ("decode", "prefill"):  # a tuning sample's decode: nothing beyond its passes (no prefill, no
+            return 0.0  # drafter cost)
         _, rows, small = what
         return 0.5 if small and rows in self.faster_rows else 1.0
 

@@ -6,13 +6,15 @@ importing this module (as the driver does) stays light. The driver wraps the cla
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 
 from workers.prompts import split_by_length
-from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
+from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo, spread
 from workers.records import result_table, trace_table
 from workers.store import JobStore, checksum, read_ipc, result_path, shard_path, trace_path, worker_error_path
 
@@ -32,8 +34,13 @@ class ShardWorker:
                                dtype=config.dtype)
         self._decoder = Decoder(self._pair, config.decode)
         self._decoder.prepare()  # its one-time cost measurement: part of loading, never of a shard's decode time
+        if config.tune and self._pair.target.is_encoder_decoder:  # its pass costs are a decoder-only state's
+            logging.getLogger(__name__).warning("an encoder-decoder target: no tuning, decoding as the spec says")
+            config = replace(config, tune=None)
         self._config = config
         self._ar: Decoder | None = None  # AR on the same target, for a shard's baseline documents
+        self._plan = None  # the tuned plan (cmsd.tuning.Plan), once decided (config.tune)
+        self._plan_report: dict | None = None  # ... sent with the next shard's outcome
         self._progress = (-1, 0)  # (shard, documents done) of the shard being decoded
         self._template = config.prompt
         self._budget = self._pair.max_context - config.decode.max_new_tokens  # prompt tokens a row may have
@@ -58,10 +65,13 @@ class ShardWorker:
         start = time.perf_counter()
         self._progress = (task.index, 0)  # not the counts of an earlier attempt
         shard = self._read_shard(task)
+        io_s = time.perf_counter() - start
         prompts = self._decoder.encode([self._render(r) for r in
                                         shard.select(["source", "src_lang", "tgt_lang"]).to_pylist()])
         keep, refused = split_by_length(prompts, self._budget)
+        t0 = time.perf_counter()
         self._write_refused(task, shard, refused)  # before the results: the commit accounts for them
+        io_s += time.perf_counter() - t0
         shard = shard.take(pa.array(keep, pa.int64()))
         self._progress = (task.index, len(refused))
         t0 = time.perf_counter()
@@ -69,22 +79,33 @@ class ShardWorker:
         decode_s = time.perf_counter() - t0
         extra = {"shard": task.index, "attempt": task.attempt, "node_id": self._info.node_id}
         results = result_table(shard, generations, extra, refused=len(refused), baseline=baseline)
-        self._store.write_parquet(trace_path(task.index), trace_table(generations))
+        traces = trace_table(generations)
+        t0 = time.perf_counter()
+        self._store.write_parquet(trace_path(task.index), traces)
         self._store.write_parquet(result_path(task.index), results)  # last: the commit
+        io_s += time.perf_counter() - t0
+        tuning, self._plan_report = self._plan_report, None  # reported with the first shard committed
         total = DocStats.total([g.stats for g in generations])
         return ShardOutcome(index=task.index, rows=results.num_rows, attempt=task.attempt,
                             node_id=self._info.node_id, pid=self._info.pid, decode_s=decode_s,
                             wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb(),
-                            refused=len(refused))
+                            refused=len(refused), io_s=io_s, tuning=tuning)
 
     def _decode(self, task: ShardTask, prompts: list[list[int]], ids: list[str]) -> tuple[list, dict]:
         """The shard's generations, and AR's generations of its task.baseline documents (spread over the shard,
         which is sorted by length): those are decoded as a group of their own, by the method and by AR one after
-        the other, in an order that alternates from shard to shard."""
-        picked = spread(len(prompts), task.baseline if self._config.decode.method != "ar" else 0)
+        the other, in an order that alternates from shard to shard. Before the actor's first shard it tunes
+        (config.tune): the documents it decoded to tune keep those outputs."""
+        kept = self._tune(prompts, ids) if self._config.tune and self._plan is None and prompts else []
+        if kept:
+            done = {g.doc_id for g in kept}
+            left = [i for i, doc in enumerate(ids) if doc not in done]
+            prompts, ids = [prompts[i] for i in left], [ids[i] for i in left]
+            self._progress = (task.index, self._progress[1] + len(kept))
+        picked = spread(len(prompts), task.baseline if self._decoder.settings.drafts else 0)
         chosen = set(picked)
         rest = [i for i in range(len(prompts)) if i not in chosen]
-        generations = self._generate(self._decoder, [prompts[i] for i in rest], [ids[i] for i in rest])
+        generations = kept + self._generate(self._decoder, [prompts[i] for i in rest], [ids[i] for i in rest])
         if not picked:
             return generations, {}
         group = ([prompts[i] for i in picked], [ids[i] for i in picked])
@@ -105,10 +126,41 @@ class ShardWorker:
 
     def _ar_decoder(self):
         if self._ar is None:
-            from cmsd import Decoder, ModelPair
-
-            self._ar = Decoder(ModelPair(self._pair.target, None), self._config.decode.with_(method="ar", trace=False))
+            self._ar = self._decoder_for(self._config.decode.with_(method="ar", trace=False))
         return self._ar
+
+    def _decoder_for(self, settings, pair=None):
+        from cmsd import Decoder, ModelPair
+
+        pair = pair or self._pair
+        decoder = Decoder(pair if settings.drafts else ModelPair(pair.target, None), settings)
+        decoder.prepare()
+        return decoder
+
+    def _tune(self, prompts: list[list[int]], ids: list[str]) -> list:
+        """Decide the plan: the one kept on this machine for this job's settings, or one measured now on a sample of
+        this shard (cmsd.tuning); returns the sample's generations (the documents' outputs)."""
+        from cmsd.tuning import load_plan, pair_for, plan_key, save_plan, tune
+
+        conf, decode = self._config.tune, self._config.decode
+        key = plan_key(self._pair, decode, conf.objective, conf.max_batch, conf.task)
+        plan, kept = load_plan(key), []
+        if plan is None:
+            sample = spread(len(prompts), conf.sample)
+            tuned = tune(self._pair, decode, [prompts[i] for i in sample], [ids[i] for i in sample], conf.objective,
+                         conf.max_batch, [len(p) for p in prompts])
+            plan, kept = tuned.plan, self._decoder.with_text(tuned.kept)
+            try:
+                save_plan(key, plan)
+            except OSError as err:
+                logging.getLogger(__name__).warning("cannot keep the tuned plan: %s", err)
+        self._plan, self._plan_report = plan, plan.to_dict()
+        best = plan.best  # its drafter, where it drafts with another than the job's own (loaded by name)
+        self._decoder = self._decoder_for(plan.settings(decode), pair_for(self._pair, best.drafter) if
+                                          best.method != "ar" else None)
+        ar_batch = plan.candidates[plan.ar].batch_size  # the job's baseline runs AR at AR's own best batch
+        self._ar = self._decoder_for(decode.with_(method="ar", trace=False, batch_size=ar_batch))
+        return kept
 
     def _render(self, row: dict[str, str | None]) -> str:
         return self._template.render(self._pair.tokenizer, row["source"] or "", row["src_lang"], row["tgt_lang"])
@@ -148,9 +200,3 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-
-
-def spread(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n) (all of them where k >= n)."""
-    k = min(k, n)
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n // 2] if k == 1 else []

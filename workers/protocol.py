@@ -10,6 +10,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """How an actor tunes its configuration before its first shard (cmsd.tuning)."""
+
+    objective: str = "throughput"  # throughput | latency
+    task: str = ""  # part of the plan's key
+    sample: int = 1  # documents of its first shard decoded at batch 1 by the method and by AR
+    max_batch: int = 64  # the largest shard's rows: no batch can hold more
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything an actor needs to build its drafter/target pair and decoder, once."""
 
@@ -21,6 +31,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 1  # torch intra-op threads (the actor's CPU share)
+    tune: TuneConfig | None = None  # None: decode exactly as `decode` says
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -63,3 +74,11 @@ class ShardOutcome:
     stats: dict[str, float] = field(default_factory=dict)  # the shard's DocStats, summed
     peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far, in MiB
     refused: int = 0  # rows refused as too long for the model (errors/shard-NNNNN.worker.jsonl)
+    io_s: float = 0.0  # of wall_s, seconds reading the shard and writing its files (the job store's share)
+    tuning: dict | None = None  # the actor's plan (cmsd.tuning.Plan.to_dict), with the first shard it decoded
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them where k >= n)."""
+    k = min(k, n)
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n // 2] if k == 1 else []

@@ -13,6 +13,7 @@
     quality     the corpus scores (sacrebleu, rouge-score)
     report      report.md, report.html, plots/
     progress    a progress bar on a terminal, log lines otherwise
+    tune        `cmsd-jobs tune`: the plan a job's actors would run here, measured without a job
     lifecycle   submit, resume, status, report: what the CLI calls
 
 The Ray actors themselves are in `workers` (they import cmsd, never jobs).

@@ -11,7 +11,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -22,12 +22,17 @@ from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, Worker
 from jobs.errors import JobFailed
 from jobs.batch.spec import ExecutionSpec, JobSpec
 from workers import ShardWorker
-from workers.protocol import ShardOutcome, ShardTask, WorkerConfig, WorkerInfo
+from workers.protocol import ShardOutcome, ShardTask, TuneConfig, WorkerConfig, WorkerInfo
 
 ACTOR_DEATHS = (RayActorError, OutOfMemoryError, WorkerCrashedError)
+TUNE_DOCS_PER_SAMPLE = 24  # an actor's tuning sample: one document per this many it decodes ...
+TUNE_SAMPLE_MAX = 8  # ... and at most this many
 PROGRESS_EVERY_S = 2.0  # how often the driver asks decoding actors for their documents done
-# Passed to the workers of a cluster when the user has them set (a local Ray inherits the environment).
-PASSTHROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "CMSD_CACHE")
+# Passed to the workers of a cluster when the user has them set (a local Ray inherits the environment): where the
+# models and the object store are, never a credential (a runtime_env is shown by Ray's dashboard and job API; a
+# cluster's workers get their keys from their own environment, on Kubernetes the Secret `k8s render` wires).
+PASSTHROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "CMSD_CACHE",
+                   "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 class Observer(Protocol):
@@ -60,6 +65,10 @@ class RunReport:
         return {"wall_s": self.wall_s, "actors_ready_s": self.ready_s, "shards_run": sorted(o.index for o in self.outcomes),
                 "retries": self.retries, "actors_replaced": self.replaced, "failed": self.failed,
                 "sum_decode_s": sum(o.decode_s for o in self.outcomes),
+                "sum_shard_s": sum(o.wall_s for o in self.outcomes),
+                "sum_io_s": sum(o.io_s for o in self.outcomes),
+                "shard_io_s": {str(o.index): o.io_s for o in self.outcomes},
+                "tuning": {f"{o.node_id}/{o.pid}": o.tuning for o in self.outcomes if o.tuning},  # a plan per actor
                 "actor_peak_rss_mb": max((o.peak_rss_mb for o in self.outcomes), default=None),
                 "workers": [{"pid": w.pid, "node_id": w.node_id, "device": w.device, "load_s": w.load_s,
                              "weights_mb": w.weights_mb} for w in self.workers]}
@@ -188,7 +197,7 @@ def ray_connection(execution: ExecutionSpec) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+    env = worker_env(os.environ)
     common: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
     if execution.address:
         ray.init(address=execution.address, runtime_env={"env_vars": env} if env else None, **common)
@@ -200,7 +209,23 @@ def ray_connection(execution: ExecutionSpec) -> Iterator[None]:
         ray.shutdown()
 
 
-def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a cluster's workers are given of the driver's environment (PASSTHROUGH_ENV, where set)."""
+    return {name: environ[name] for name in PASSTHROUGH_ENV if name in environ}
+
+
+def tune_config(spec: JobSpec, rows: list[int]) -> TuneConfig | None:
+    """What the actors tune with (None: execution.tune off), from the rows of every shard of the job (a resumed job
+    keeps its plan's key): a sample that grows with the documents each actor decodes (1 for a few dozen, at most
+    TUNE_SAMPLE_MAX), batches up to the largest shard."""
+    if not spec.execution.tune or not rows:
+        return None
+    per_actor = sum(rows) // spec.execution.actors
+    return TuneConfig(objective=spec.execution.objective, task=spec.task.name,
+                      sample=max(1, min(TUNE_SAMPLE_MAX, per_actor // TUNE_DOCS_PER_SAMPLE)), max_batch=max(rows))
+
+
+def actor_spawner(spec: JobSpec, job_uri: str, tune: TuneConfig | None = None) -> Callable[[], Any]:
     """A function that starts one worker actor: one GPU where the cluster has GPUs, CPUs otherwise."""
     execution = spec.execution
     gpus = execution.gpus_per_actor
@@ -214,7 +239,7 @@ def actor_spawner(spec: JobSpec, job_uri: str) -> Callable[[], Any]:
                         "or execution.gpus_per_actor")
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
                           decode=spec.decode, prompt=spec.template(), device=spec.models.device,
-                          dtype=spec.models.dtype, threads=max(1, int(cpus)))
+                          dtype=spec.models.dtype, threads=max(1, int(cpus)), tune=tune)
     actor_class = ray.remote(ShardWorker)
     options = {"num_cpus": cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
                "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}  # progress() answers mid-shard
@@ -235,7 +260,11 @@ def actor_name(spec: JobSpec, number: int) -> str:
     return f"cmsd-{spec.output.job_id}-{number}"
 
 
-def run_shards(spec: JobSpec, job_uri: str, tasks: list[ShardTask], observer: Observer) -> RunReport:
+def run_shards(spec: JobSpec, job_uri: str, tasks: list[ShardTask], observer: Observer,
+               shard_rows: list[int] | None = None) -> RunReport:
+    """Decode `tasks` on Ray; shard_rows: the rows of every shard of the job (what tuning plans for), default the
+    tasks'."""
     with ray_connection(spec.execution):
-        scheduler = Scheduler(actor_spawner(spec, job_uri), spec.execution.actors, spec.execution.retries, observer)
+        spawn = actor_spawner(spec, job_uri, tune_config(spec, shard_rows or [t.rows for t in tasks]))
+        scheduler = Scheduler(spawn, spec.execution.actors, spec.execution.retries, observer)
         return scheduler.run(tasks)

@@ -74,7 +74,7 @@ def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observ
         try:
             plan = baseline_plan(spec, manifest)
             tasks = [e.task(baseline=plan.get(e.index, 0)) for e in todo]
-            report = run_shards(spec, store.uri, tasks, observer or progress)
+            report = run_shards(spec, store.uri, tasks, observer or progress, [e.rows for e in manifest.shards])
         except KeyboardInterrupt:
             print(f"interrupted: finish the job with `cmsd-jobs resume {store.uri}`", file=stream, flush=True)
             raise

@@ -111,6 +111,7 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
         raise JobFailed(f"{len(missing)} shard(s) not done ({', '.join(missing[:3])}...): run `cmsd-jobs resume`")
     check_ranges(manifest)
     task, stats, quality, baseline, per_shard = spec.task.name, DocStats(), QualityStats(), Baseline(), []
+    io = (run or {}).get("shard_io_s", {})  # the shards this run decoded (an earlier run's are in its summary)
     for entry, (_, refused) in zip(manifest.shards, counts):  # type: ignore[misc]
         table = store.read_parquet(entry.result, RESULT_COLUMNS)
         check_shard(store, entry, table, refused)
@@ -119,13 +120,17 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
         stats, quality, baseline = stats + shard_stats, quality + shard_quality, baseline + shard_baseline
         per_shard.append({"shard": entry.index, "rows": table.num_rows, "refused": refused,
                           "nodes": sorted(set(table.column("node_id").to_pylist())),
-                          "attempt": pc.max(table.column("attempt")).as_py(),
+                          "attempt": pc.max(table.column("attempt")).as_py(), "io_s": io.get(str(entry.index)),
                           **numbers(shard_stats, shard_quality, shard_baseline)})
     if not stats.docs:
         refused = sum(e.errors for e in manifest.shards) + sum(s["refused"] for s in per_shard)
         raise JobFailed(f"no document could be decoded: all {refused} rows were refused (errors/ says why, e.g. "
                         "prompts too long for the model with decode.max_new_tokens added)")
     overall = numbers(stats, quality, baseline)
+    tuning = tuning_summary(run)
+    if tuning and all(label.startswith("ar ") for label in tuning["actors"].values()) and not baseline.docs:
+        # the chosen configuration is AR at AR's own best batch: the AR it would be compared with is itself
+        overall.update(speedup_vs_ar=1.0, agreement_with_ar=1.0)
     summary = {
         "job_id": manifest.job_id, "task": task, "method": spec.decode.method, "verify": spec.decode.verify,
         "target": spec.models.target, "drafter": spec.models.drafter, "corpus": manifest.corpus,
@@ -134,10 +139,20 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
         "shards": len(manifest.shards), "nodes": sorted({n for s in per_shard for n in s["nodes"]}),
         "overall": overall, "baseline": baseline.summary(), "per_method": {spec.decode.method: overall},
         "per_shard": per_shard,
-        "run": _run_numbers(run, overall),
+        "run": _run_numbers(run, overall), "tuning": tuning,
     }
     store.write_json(SUMMARY, summary)
     return summary
+
+
+def tuning_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan the actors tuned (cmsd.tuning): the first actor's, with every actor's choice ("node/pid": label; the
+    actors of one machine may choose apart, nodes of different kinds do)."""
+    plans = (run or {}).get("tuning") or {}
+    if not plans:
+        return None
+    first = plans[min(plans)]
+    return {**first, "actors": {actor: plan["chosen"]["label"] for actor, plan in sorted(plans.items())}}
 
 
 def _run_numbers(run: dict[str, Any] | None, overall: dict[str, Any]) -> dict[str, Any] | None:
@@ -145,5 +160,8 @@ def _run_numbers(run: dict[str, Any] | None, overall: dict[str, Any]) -> dict[st
     if run is None:
         return None
     wall = run["wall_s"]
+    shard_s = run.get("sum_shard_s", 0.0)
+    run = {k: v for k, v in run.items() if k != "tuning"}  # summary["tuning"] has it
     return {**run, "job_tokens_per_s": overall["new_tokens"] / wall if wall > 0 else None,
-            "decode_parallelism": run["sum_decode_s"] / wall if wall > 0 else None}
+            "decode_parallelism": run["sum_decode_s"] / wall if wall > 0 else None,
+            "io_share": run.get("sum_io_s", 0.0) / shard_s if shard_s > 0 else None}

@@ -22,7 +22,7 @@ CONF_BINS = 10
 TABLE_ROWS = ("docs", "new_tokens", "decode_s", "tokens_per_s", "target_calls", "tokens_per_call",
               "acceptance_rate", "mean_k", "rollback_rate", "bleu", "chrf", "rouge1", "rouge2", "rougeL",
               "agreement_with_ar", "speedup_vs_ar")
-SHARD_COLUMNS = ("shard", "rows", "tokens_per_s", "tokens_per_call", "acceptance_rate", "mean_k", "attempt")
+SHARD_COLUMNS = ("shard", "rows", "tokens_per_s", "tokens_per_call", "acceptance_rate", "mean_k", "attempt", "io_s")
 TRACE_READ = ["doc_id", "iteration", "k_j", "c", "accepted"]  # the trace columns the plots need
 
 
@@ -85,16 +85,40 @@ def plot_throughput(store: JobStore, summary: dict[str, Any]) -> str:
     return _save(store, "plots/throughput.png", figure)
 
 
+NO_DRAFTS = ("no document was decoded with drafts (the configuration the job ran drafts nothing), so there is no "
+             "{what}")
+
+
 def plot_k_histogram(store: JobStore, counts: TraceCounts) -> str:
-    figure, ax = _pyplot().subplots(figsize=(6, 3))
+    """The plot's path, or a line saying why there is none (nothing drafted)."""
     drafted_k = np.flatnonzero(counts.k)
-    if len(drafted_k):
-        k = np.arange(drafted_k.min(), drafted_k.max() + 1)
-        ax.bar(k, counts.k[k], width=0.9, color="tab:green")
-    else:
-        ax.text(0.5, 0.5, "nothing drafted", ha="center", va="center", transform=ax.transAxes)
+    if not counts.drafted.sum():
+        return NO_DRAFTS.format(what="draft-length histogram")
+    figure, ax = _pyplot().subplots(figsize=(6, 3))
+    k = np.arange(drafted_k.min(), drafted_k.max() + 1)
+    ax.bar(k, counts.k[k], width=0.9, color="tab:green")
     ax.set(xlabel="draft length k_j", ylabel="iterations", title="Draft lengths")
     return _save(store, "plots/k_histogram.png", figure)
+
+
+def plot_tuning(store: JobStore, tuning: dict[str, Any] | None) -> str | None:
+    """Tokens a second by batch size, a line per method and drafter, the chosen configuration marked."""
+    if not tuning:
+        return None
+    figure, ax = _pyplot().subplots(figsize=(6, 3.5))
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for c in tuning["candidates"]:
+        lines.setdefault(c["label"].rsplit(" ", 1)[0], []).append((c["batch_size"], c["tokens_per_s"]))
+    for name, points in lines.items():
+        x, y = zip(*sorted(points))
+        ax.plot(x, y, marker="o", label=name)
+    chosen = tuning["chosen"]
+    ax.scatter([chosen["batch_size"]], [chosen["tokens_per_s"]], s=160, facecolors="none", edgecolors="black",
+               label=f"chosen: {chosen['label']}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="batch size", ylabel="tokens / s (per actor)", title=f"Tuning ({tuning['objective']})")
+    ax.legend(fontsize=8)
+    return _save(store, "plots/tuning.png", figure)
 
 
 def calibration(counts: TraceCounts) -> list[tuple[float, float, int]]:
@@ -104,14 +128,16 @@ def calibration(counts: TraceCounts) -> list[tuple[float, float, int]]:
 
 
 def plot_calibration(store: JobStore, counts: TraceCounts) -> str:
+    """The plot's path, or a line saying why there is none (nothing drafted)."""
     points = calibration(counts)
+    if not points:
+        return NO_DRAFTS.format(what="confidence-vs-acceptance plot")
     figure, ax = _pyplot().subplots(figsize=(4.5, 4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    if points:
-        x, y, n = zip(*points)
-        ax.plot(x, y, marker="o", color="tab:red")
-        for xi, yi, ni in points:
-            ax.annotate(str(ni), (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    x, y, n = zip(*points)
+    ax.plot(x, y, marker="o", color="tab:red")
+    for xi, yi, ni in points:
+        ax.annotate(str(ni), (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="drafter confidence C", ylabel="empirical acceptance",
            title="Confidence vs acceptance")
     return _save(store, "plots/confidence_acceptance.png", figure)
@@ -130,6 +156,43 @@ def _rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], list[list[str
     return overall, shards
 
 
+TUNING_COLUMNS = ("label", "tokens_per_s", "doc_s", "tokens_per_call", "acceptance_rate", "agreement_with_ar",
+                  "kv_mb", "measured")
+
+
+def _tuning_cells(candidate: dict[str, Any]) -> list[str]:
+    return [_fmt(candidate[name]) if name != "measured" else "measured" if candidate[name] else "predicted"
+            for name in TUNING_COLUMNS]
+
+
+def tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The tuning's choice in words and its candidates as a Markdown table (report.md, `cmsd-jobs tune`)."""
+    if not tuning:
+        return []
+    chosen, ar = tuning["chosen"], tuning["ar"]
+    versus = "tokens/s" if tuning["objective"] == "throughput" else "per-document time"
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in (tuning.get("phases") or {}).items())
+    source = (f"measured now in {tuning['seconds']:.1f} s: {phases}" if tuning["source"] == "measured" else
+              f"reused, measured {tuning['measured_at']} in {sum((tuning.get('phases') or {}).values()):.1f} s")
+    lines = [f"Tuned for {tuning['objective']} ({source}): chose **{chosen['label']}**, "
+             f"{_fmt(tuning['speedup_vs_ar'])}x AR at its own best batch ({ar['label']}) by {versus}.", ""]
+    lines += [f"- {note}" for note in tuning.get("notes", [])]
+    actors = tuning.get("actors") or {}
+    if len(set(actors.values())) > 1:
+        lines += [f"- actor {actor.split('/')[0][:8]}/{actor.split('/')[-1]}: {label}" for actor, label in actors.items()]
+    lines += ["", "| " + " | ".join(TUNING_COLUMNS) + " |", "|" + " --- |" * len(TUNING_COLUMNS)]
+    for c in tuning["candidates"]:
+        cells = _tuning_cells(c)
+        mark = "**" if c["label"] == chosen["label"] else ""
+        lines.append("| " + " | ".join(f"{mark}{cell}{mark}" for cell in cells) + " |")
+    return lines
+
+
+def _picture(item: str) -> str:
+    """A plot's Markdown, or the line that stands for it."""
+    return f"![{item}]({item})" if item.endswith(".png") else f"_{item}_"
+
+
 def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     overall, shards = _rows(summary)
     lines = [f"# Job {summary['job_id']}", "", _headline(summary), "", "| number | value |", "| --- | --- |"]
@@ -140,7 +203,9 @@ def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "## Shards", "", "| " + " | ".join([*SHARD_COLUMNS, "nodes"]) + " |",
               "|" + " --- |" * (len(SHARD_COLUMNS) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in shards]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if summary.get("tuning"):
+        lines += ["", "## Tuning", ""] + tuning_lines(summary["tuning"])
+    lines += ["", "## Plots", ""] + [_picture(p) for p in plots] + [""]
     return "\n".join(lines)
 
 
@@ -152,7 +217,15 @@ def render_html(summary: dict[str, Any], plots: list[str]) -> str:
     body += [f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in overall]
     body += ["</table>", "<h2>Shards</h2>", f"<table><tr>{head}</tr>"]
     body += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in shards]
-    body += ["</table>", "<h2>Plots</h2>"] + [f'<img src="{esc(p)}" alt="{esc(p)}">' for p in plots]
+    body += ["</table>"]
+    if summary.get("tuning"):
+        tuning = summary["tuning"]
+        rows = [_tuning_cells(c) for c in tuning["candidates"]]
+        body += ["<h2>Tuning</h2>", f"<p>{esc(tuning_lines(tuning)[0].replace('**', ''))}</p>", "<table><tr>"
+                 + "".join(f"<th>{esc(c)}</th>" for c in TUNING_COLUMNS) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows] + ["</table>"]
+    body += ["<h2>Plots</h2>"] + [f'<img src="{esc(p)}" alt="{esc(p)}">' if p.endswith(".png") else
+                                  f"<p><em>{esc(p)}</em></p>" for p in plots]
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border:1px solid #ccc}"
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" + \
         "\n".join(body) + "</body></html>\n"
@@ -162,7 +235,26 @@ def _headline(summary: dict[str, Any]) -> str:
     return (f"{summary['task']} with {summary['method']} ({summary['verify']} verification), target "
             f"{summary['target']}, drafter {summary['drafter']}: {summary['docs']} documents in "
             f"{summary['shards']} shards on {len(summary['nodes'])} node(s), {summary['errors']} rows refused."
-            + _against_ar(summary.get("baseline")))
+            + _tuned(summary.get("tuning"), summary.get("baseline")) + _io(summary.get("run")))
+
+
+def _tuned(tuning: dict[str, Any] | None, baseline: dict[str, Any] | None) -> str:
+    """What tuning chose, and what speedup_vs_ar and agreement_with_ar were measured on."""
+    if not tuning:
+        return _against_ar(baseline)
+    chosen = sorted(set(tuning["actors"].values()))
+    ran = f" Tuned by measurement (see Tuning): it ran {', '.join(chosen)}."
+    if all(label.startswith("ar ") for label in chosen) and not (baseline or {}).get("docs"):
+        return ran + " That is AR at AR's own best batch: its speedup_vs_ar is 1 by definition."
+    return ran + _against_ar(baseline)
+
+
+def _io(run: dict[str, Any] | None) -> str:
+    """The job store's share of the shards' time (io_s per shard: reading it, writing its results)."""
+    if not run or run.get("io_share") is None:
+        return ""
+    return (f" Reading shards and writing their results took {_fmt(run['sum_io_s'])} s of the "
+            f"{_fmt(run['sum_shard_s'])} s the actors spent on shards ({run['io_share']:.1%}).")
 
 
 def _against_ar(baseline: dict[str, Any] | None) -> str:
@@ -177,7 +269,9 @@ def _against_ar(baseline: dict[str, Any] | None) -> str:
 def write_report(store: JobStore, manifest: Manifest, summary: dict[str, Any]) -> str:
     """Write plots, report.md and report.html; return the report.md location."""
     counts = read_trace_counts(store, manifest)
-    plots = [plot_throughput(store, summary), plot_k_histogram(store, counts), plot_calibration(store, counts)]
+    plots = [plot_throughput(store, summary), plot_tuning(store, summary.get("tuning")),
+             plot_k_histogram(store, counts), plot_calibration(store, counts)]
+    plots = [p for p in plots if p]
     store.write_bytes("report.md", render_markdown(summary, plots).encode())
     store.write_bytes("report.html", render_html(summary, plots).encode())
     return f"{store.uri}/report.md"

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from cmsd.prompts import PromptTemplate
-from cmsd.settings import DecodeSettings
+from cmsd.settings import OBJECTIVES, DecodeSettings
 from jobs.errors import BadInput
 
 TASKS = ("summarization", "translation", "plain")
@@ -86,6 +86,10 @@ class ExecutionSpec:
     num_cpus: int | None = None  # local Ray only: CPUs it may use (None: all)
     baseline: int = 8  # documents also decoded with AR, on the same actors, for the job's own speedup_vs_ar and
     #                    agreement_with_ar (spread over the shards in groups of batch_size); 0: none
+    tune: bool = True  # each actor picks its method and batch size by measurement first (cmsd.tuning; a plan kept
+    #                    per machine is reused); false: decode exactly as the decode section says
+    objective: str = "throughput"  # what tuning picks for: throughput (tokens a second) | latency (one document's
+    #                                time, batch 1)
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, f"execution.actors must be >= 1, got {self.actors}")
@@ -98,6 +102,9 @@ class ExecutionSpec:
         _check(self.retries >= 0, f"execution.retries must be >= 0, got {self.retries}")
         _check(self.num_cpus is None or self.num_cpus >= 1, f"execution.num_cpus must be >= 1, got {self.num_cpus}")
         _check(self.baseline >= 0, f"execution.baseline must be >= 0, got {self.baseline}")
+        _check(isinstance(self.tune, bool), f"execution.tune must be true or false, got {self.tune!r}")
+        _check(self.objective in OBJECTIVES,
+               f"execution.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ FLAG_FIELDS = {
     "max_new_tokens": "decode.max_new_tokens", "temperature": "decode.temperature", "seed": "decode.seed",
     "limit": "corpus.limit", "source_field": "corpus.source_field", "reference_field": "corpus.reference_field",
     "id_field": "corpus.id_field", "job_id": "output.job_id", "baseline": "execution.baseline",
+    "objective": "execution.objective",
 }
 
 
@@ -61,6 +62,7 @@ def main() -> None:
       cmsd-jobs submit --demo                  a small job on the bundled sample corpus (a few minutes)
       cmsd-jobs submit job.yaml                a job from a YAML spec (see jobs/data/demo.yaml)
       cmsd-jobs submit --corpus docs.jsonl --task summarization --method cmasd --out runs
+      cmsd-jobs tune --corpus docs.jsonl       the method and batch size a job would pick here, and why
       cmsd-jobs status runs/<job_id>           how far a job got
       cmsd-jobs resume runs/<job_id>           finish an interrupted or failed job
       cmsd-jobs report runs/<job_id>           rewrite report.md / report.html
@@ -101,9 +103,13 @@ def main() -> None:
 @click.option("--id-field", metavar="NAME", help="Field with the document id [default: id, if any, else row-N].")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Set any spec field, e.g. --set decode.control.k_max=12 (repeatable; values are YAML).")
+@click.option("--objective", type=click.Choice(["throughput", "latency"]), help="What tuning picks the method and "
+              "batch size for: the job's tokens a second, or one document's time (batch 1) [default: throughput].")
+@click.option("--no-tune", is_flag=True, help="Decode exactly as the spec and flags say: no measuring first "
+              "(execution.tune false).")
 @click.option("--prepare-only", is_flag=True, help="Write the job directory (spec, manifest, shards, errors) and "
               "stop; `cmsd-jobs resume JOB_DIR` runs it.")
-def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prepare_only: bool,
+def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prepare_only: bool, no_tune: bool,
            **flags: Any) -> None:
     """Check a job, write its directory, run it on Ray, and write summary.json and the report.
 
@@ -113,6 +119,41 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prep
     errors/ and the job goes on). The last line printed is the job directory.
     """
     from jobs.batch.lifecycle import create, submit as submit_job
+
+    spec = job_spec(spec_file, demo, assignments, flags, no_tune)
+    if prepare_only:
+        store, _, _ = create(spec)
+        click.echo(f"prepared; run it with: cmsd-jobs resume {store.uri}")
+        click.echo(store.uri)
+        return
+    _finish(submit_job(spec))
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--docs", type=int, default=1, help="Documents to measure on (from the corpus's start), each decoded "
+              "at batch 1 by the method and by AR.")
+def tune(spec_file: str | None, demo: bool, assignments: tuple[str, ...], docs: int, **flags: Any) -> None:
+    """Measure and print the plan a job's actors would run on this machine (method and batch size, and why), and
+    keep it on disk where the job's actors find it and start at once. Takes submit's spec and flags."""
+    from jobs.batch.report import tuning_lines
+    from jobs.batch.tune import tune_corpus
+
+    if docs < 1:
+        raise BadInput(f"--docs must be >= 1, got {docs}")
+    result = tune_corpus(job_spec(spec_file, demo, assignments, flags), docs)
+    click.echo("\n".join(tuning_lines(result.plan)))
+    click.echo(f"plan kept in {result.path}" + ("" if result.docs else " (reused: measured before)"))
+
+
+TUNE_FLAGS = ("spec_file", "demo", "corpus", "task", "target", "drafter", "method", "verify", "max_new_tokens",
+              "temperature", "limit", "source_field", "reference_field", "id_field", "actors", "assignments",
+              "objective")
+tune.params.extend(p for p in submit.params if p.name in TUNE_FLAGS)  # the same options as submit's
+
+
+def job_spec(spec_file: str | None, demo: bool, assignments: tuple[str, ...], flags: dict[str, Any],
+             no_tune: bool = False) -> Any:
+    """The JobSpec of SPEC_FILE (or the demo's) with the named flags and --set assignments applied."""
     from jobs.batch.spec import JobSpec, apply_overrides, load_spec_file, parse_assignment
 
     if demo and spec_file:
@@ -122,14 +163,10 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prep
     overrides = {FLAG_FIELDS[name]: value for name, value in flags.items() if value is not None}
     if str(overrides.get("models.drafter", "")).lower() == "none":
         overrides["models.drafter"] = None  # AR: the target alone
+    if no_tune:
+        overrides["execution.tune"] = False
     overrides.update(parse_assignment(text) for text in assignments)
-    spec = JobSpec.from_dict(apply_overrides(data, overrides))
-    if prepare_only:
-        store, _, _ = create(spec)
-        click.echo(f"prepared; run it with: cmsd-jobs resume {store.uri}")
-        click.echo(store.uri)
-        return
-    _finish(submit_job(spec))
+    return JobSpec.from_dict(apply_overrides(data, overrides))
 
 
 @main.command()

@@ -137,3 +137,22 @@ def test_strict_with_the_shipped_head_equals_transformers_greedy(smollm2_ngram) 
             f"batch {batch} {method} branches {branches}"
         drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
         assert drafted > 0 and accepted / drafted > 0.05, (batch, accepted, drafted)
+
+
+def test_tuning_on_the_real_model_keeps_ars_output_and_measures_the_drafter(smollm2_ngram) -> None:
+    from cmsd import ModelPair
+    from cmsd.decode import encode_prompt
+    from cmsd.tuning import tune
+
+    pair = smollm2_ngram
+    docs = _documents(2)
+    template = PromptTemplate("summarization")
+    prompts = [encode_prompt(pair.tokenizer, template.render(pair.tokenizer, d["source"])) for d in docs]
+    ids = [d["id"] for d in docs]
+    settings = DecodeSettings(method="cmasd", max_new_tokens=24)
+    tuned = tune(pair, settings, prompts, ids, "latency", max_batch=4, lengths=[len(p) for p in prompts])
+    ar = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1)).generate_ids(prompts, ids)
+    assert [g.token_ids for g in tuned.kept] == [g.token_ids for g in ar]
+    assert [c.label for c in tuned.plan.candidates] == ["ar b1", "cmasd/ngram b1", "cmasd/head b1"]  # latency: b1
+    for spec in tuned.plan.candidates[1:]:  # the job's n-gram drafter, and the head shipped for SmolLM2
+        assert spec.measured and spec.agreement_with_ar == 1.0 and spec.tokens_per_call > 1, spec.label

@@ -110,3 +110,14 @@ def _target_joint(model, prompt: list[int], vocab: int) -> torch.Tensor:
 
     first = next_probs([])
     return torch.stack([first[a] * next_probs([a]) for a in range(vocab)])
+
+
+def test_strict_sampling_over_a_pass_where_no_row_drafted_samples_from_the_target() -> None:
+    """A pass of zero draft tokens (no row drafted: the n-gram drafter found nothing) samples each row's next token
+    from p alone (it once indexed the empty q)."""
+    logits = torch.full((3, 1, 8), -30.0)
+    logits[torch.arange(3), 0, torch.tensor([2, 5, 7])] = 30.0  # p puts all its mass on one token per row
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    verdict = verify(Rule(), empty, torch.zeros(3, dtype=torch.long), logits, torch.zeros(3, 0), temperature=0.8,
+                     q=torch.zeros(3, 0, 8), generator=torch.Generator().manual_seed(0))
+    assert verdict.accepted.tolist() == [0, 0, 0] and verdict.next_token.tolist() == [2, 5, 7]

@@ -35,7 +35,7 @@ def test_click_lives_in_jobs_cli_only() -> None:
     code = f"import sys, {modules}; print('click' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
-    assert {"submit", "resume", "status", "report", "eval", "k8s", "calibrate", "distill"} == set(main.commands)
+    assert {"submit", "tune", "resume", "status", "report", "eval", "k8s", "calibrate", "distill"} == set(main.commands)
 
 
 @pytest.fixture

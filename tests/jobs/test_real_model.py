@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,8 +27,15 @@ def test_the_demo_job_on_smollm2(tmp_path: Path, ray_local: str) -> None:
     assert summary["docs"] == 4 and summary["target"] == "smollm2" and summary["drafter"] == "ngram"
     assert 0 < overall["new_tokens"] <= 4 * 16 and overall["tokens_per_call"] >= 1
     assert 0 <= overall["acceptance_rate"] <= 1 and overall["rougeL"] is not None
-    assert summary["baseline"]["docs"] >= 1 and overall["speedup_vs_ar"] > 0  # the job measured itself against AR
+    tuning = summary["tuning"]  # tuned by measurement (the default): what it ran and why
+    assert tuning["chosen"]["label"] in [c["label"] for c in tuning["candidates"]]
+    assert any(c["label"] == "cmasd/ngram b1" and c["measured"] for c in tuning["candidates"])
+    ran_ar = all(label.startswith("ar ") for label in tuning["actors"].values())
+    assert overall["speedup_vs_ar"] > 0 and (ran_ar or summary["baseline"]["docs"] >= 1)  # against AR's best
     assert overall["agreement_with_ar"] == 1.0  # the demo's cmasd is strict: AR's output exactly
     hypotheses = pq.read_table(job / "results", columns=["hypothesis"]).column("hypothesis").to_pylist()
     assert len(hypotheses) == 4 and all(h.strip() for h in hypotheses)
-    assert (job / "report.html").is_file() and len(list((job / "plots").glob("*.png"))) == 3
+    report = (job / "report.md").read_text()
+    drawn = {p.name for p in (job / "plots").glob("*.png")}
+    assert (job / "report.html").is_file() and {"throughput.png", "tuning.png"} <= drawn
+    assert drawn == set(re.findall(r"\(plots/(\w+\.png)\)", report))  # every plot drawn is in the report

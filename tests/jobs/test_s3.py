@@ -99,6 +99,11 @@ def test_a_job_reads_and_writes_s3(s3_job: dict[str, Any], s3_server: S3Server) 
         assert f"{s3_job['key']}/{name}" in objects, name
     summary = json.loads(objects[f"{s3_job['key']}/summary.json"])
     assert summary["docs"] == 10 and summary["errors"] == 5
+    assert all(s["io_s"] > 0 for s in summary["per_shard"])  # each shard's reads and writes, timed by its worker
+    run = summary["run"]
+    assert run["sum_io_s"] == pytest.approx(sum(s["io_s"] for s in summary["per_shard"]))
+    assert 0 < run["io_share"] < 1 and "Reading shards and writing their results took" in \
+        objects[f"{s3_job['key']}/report.md"].decode()
     assert_no_temporary(s3_server, "jsonl-job")
 
 
@@ -251,6 +256,15 @@ def test_a_credential_in_the_spec_or_set_is_refused() -> None:
         JobSpec.from_dict({"corpus": {"path": "s3://AKIA:planted-value-987@bucket/docs.jsonl"}})
     assert "planted-value-987" not in str(err.value)
     parse_assignment("decode.max_new_tokens=8")  # a field that merely contains "token" is not a credential
+
+
+def test_a_clusters_workers_get_the_endpoint_never_a_key() -> None:
+    from jobs.batch.driver import worker_env
+
+    environ = {"AWS_ENDPOINT_URL": "http://store:9000", "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIA-planted",
+               "AWS_SECRET_ACCESS_KEY": "planted", "AWS_SESSION_TOKEN": "planted", "HF_HOME": "/models", "PATH": "/bin"}
+    assert worker_env(environ) == {"AWS_ENDPOINT_URL": "http://store:9000", "AWS_REGION": "eu-west-1",
+                                   "HF_HOME": "/models"}  # a runtime_env is shown by Ray's dashboard: no key there
 
 
 def test_a_job_store_on_s3_writes_whole_objects_or_none(s3_server: S3Server) -> None:

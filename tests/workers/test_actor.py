@@ -75,7 +75,7 @@ def test_baseline_documents_are_also_decoded_with_ar(tmp_path: Path, tiny_target
 
 
 def test_baseline_indices_spread_over_the_shard() -> None:
-    from workers.actor import spread
+    from workers.protocol import spread
 
     assert spread(10, 3) == [0, 4, 9] and spread(10, 1) == [5] and spread(3, 8) == [0, 1, 2] and spread(5, 0) == []
 

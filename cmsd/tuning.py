@@ -1,0 +1,475 @@
+"""Tuning by measurement: the configuration a corpus is decoded with (method, drafter, batch size), chosen from costs
+measured on the machine that decodes it and acceptance measured on the corpus's own documents.
+
+1. The target's cost of one decode pass per (rows, tokens a row) is measured (cmsd.kernels.step_costs; once per
+   machine and model, kept on disk). It runs first: it also warms the model up for the timings after it.
+2. A sample of the documents is decoded at batch 1 by the job's own method with each drafter at hand (an arm): the
+   job's own, the n-gram drafter and the head shipped for the target, where one ships (`alternatives`). The sample's
+   outputs are the documents' outputs (a document decoded while tuning is not decoded again). The target's prefill
+   of each sample prompt is timed, and under strict greedy verification one more pass of the target over each arm's
+   output checks that it is the target's greedy output token for token (AR's output: the check strict verification
+   makes, over the whole output at once, instead of a second decode); an arm that fails it does not compete. Under
+   relaxed verification the sample is decoded by AR too, and an arm's agreement with it must reach
+   RELAXED_MIN_AGREEMENT. Where the job's method is AR, the sample is decoded by AR alone.
+3. Every candidate's time is predicted from those. A batch of b documents costs b P + (N / tau) (pass(b, t) + D b):
+   P what a document costs besides its passes (its prefill: timed, or fitted to AR's sample decode), N its new tokens, t the
+   tokens a row feeds a pass (1 + its drafts), tau the tokens a pass gains, D the drafter's own cost per row and
+   pass (fitted to the speculative sample decode); AR has t = tau = 1, D = 0. A speculative candidate at batch b
+   drafts at most the verify budget's share (verify_tokens // b - 1, the decoder's own rule; none left: it is AR
+   and is not a candidate) and gains min(a, share) of a pass where the sample accepted a drafts. Each arm at batch 1
+   is its own measurement (D is fitted there): those candidates are marked measured.
+4. The objective picks: `throughput` (the most tokens a second, prefill included) or `latency` (the least time for
+   one document: batch 1, the only batch it measures). Memory bounds the batch: the KV cache of its rows, at the
+   longest prompt, within MEMORY_FRACTION of the memory free on the device.
+
+A plan is kept on disk (`$CMSD_CACHE/plans/`) per machine, model, drafter, decode settings, objective and largest
+batch, and reused until the code or torch / transformers change (`plan_key`). What is timed goes through
+cmsd.kernels' stopwatch: a test gives modelled costs, and what the tuner picks never follows timing noise there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from cmsd import kernels
+from cmsd.decode import Decoder, Generation
+from cmsd.drafters.head import HEAD_DRAFTER, SHIPPED, FeatureHead, HeadError, names_head, shipped_head
+from cmsd.identity import cache_dir, fingerprint
+from cmsd.models import LoadedModel, ModelPair, load_drafter
+from cmsd.settings import OBJECTIVES, DecodeSettings
+from cmsd.stats import token_agreement
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)  # the batch sizes that compete (at most the largest shard's rows)
+TOKEN_POINTS = (1, 2, 3, 5, 9)  # tokens a row whose pass cost is measured; between them, interpolated
+MEMORY_FRACTION = 0.5  # of the device's free memory, the most a batch's KV cache may take
+ALTERNATIVE_MIN_TOKENS = 16  # another drafter than the job's own decodes half the new tokens, at least this many
+RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration and what it does on this machine and corpus (predicted, or measured at batch 1)."""
+
+    method: str
+    drafter: str | None
+    batch_size: int
+    tokens_per_s: float  # new tokens a second over a batch, prefill included
+    doc_s: float  # one document's time at this batch (from its start to its end)
+    tokens_per_call: float
+    acceptance_rate: float | None
+    agreement_with_ar: float | None
+    kv_mb: float  # the batch's KV cache at the longest prompt
+    measured: bool  # the sample's own decode at batch 1 (else predicted from the measured costs)
+    verify_tokens: int = 0  # drafts a row may carry per pass (the verify budget's share); 0 for AR
+
+    @property
+    def arm(self) -> tuple[str, str | None]:
+        """The method and drafter (what competes at each batch size)."""
+        return self.method, self.drafter
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}{'/' + self.drafter if self.drafter else ''} b{self.batch_size}"
+
+
+@dataclass
+class Plan:
+    """What a tuning chose and why: every candidate, the chosen one, AR's own best, how long it took."""
+
+    objective: str
+    candidates: list[Candidate]
+    chosen: int  # index into candidates
+    ar: int  # AR's best candidate (what the job's speedup_vs_ar compares with)
+    seconds: float = 0.0  # what deciding it took this time (0 where a kept plan was reused)
+    measured_at: str = ""
+    source: str = "measured"  # measured | reused
+    notes: list[str] = field(default_factory=list)  # why candidates were left out
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of the tuning (wall clock)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    def settings(self, base: DecodeSettings) -> DecodeSettings:
+        """`base` with the chosen method and batch size (`pair_for` gives the chosen drafter)."""
+        return base.with_(method=self.best.method, batch_size=self.best.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{**asdict(c), "label": c.label} for c in self.candidates]
+        return {"objective": self.objective, "candidates": rows, "chosen": rows[self.chosen], "ar": rows[self.ar],
+                "speedup_vs_ar": self.best.tokens_per_s / self.candidates[self.ar].tokens_per_s
+                if self.objective == "throughput" else self.candidates[self.ar].doc_s / self.best.doc_s,
+                "seconds": self.seconds, "measured_at": self.measured_at, "source": self.source, "notes": self.notes,
+                "phases": self.phases}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        names = set(Candidate.__dataclass_fields__)
+        candidates = [Candidate(**{k: v for k, v in c.items() if k in names}) for c in data["candidates"]]
+        labels = [c.label for c in candidates]
+        return cls(data["objective"], candidates, labels.index(data["chosen"]["label"]),
+                   labels.index(data["ar"]["label"]), data["seconds"], data["measured_at"], data["source"],
+                   data["notes"], data.get("phases", {}))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the sample's decodes at batch 1 gave (counts from the decode, seconds by the stopwatch)."""
+
+    docs: int
+    new_tokens: int  # over the sample
+    prefill_s: float  # the target's prefills of the sample's prompts
+    spec_s: float | None = None  # None: no speculative decode (the job's method is AR: its decode timed P)
+    iterations: int = 0  # the speculative decode's verify passes
+    drafted: int = 0
+    runs: tuple[int, ...] = ()  # drafts accepted in each of its passes
+    agreement: float | None = None  # of its tokens with AR's
+    identical: bool = True
+
+
+def predict_ar(costs: dict[tuple[int, int], float], sample: Sample, batches: list[int], kv_row_mb: float
+               ) -> list[Candidate]:
+    """AR's candidates: a batch of b documents costs b P + N pass(b, 1) (the module's docstring, step 3). Batch 1 is
+    measured where the sample was decoded by AR (spec_s None), else predicted."""
+    new, prefill = sample.new_tokens / sample.docs, sample.prefill_s / sample.docs
+    return [Candidate("ar", None, b, b * new / (b * prefill + new * cost(costs, b, 1)),
+                      b * prefill + new * cost(costs, b, 1), 1.0, None, 1.0, b * kv_row_mb,
+                      b == 1 and sample.spec_s is None) for b in batches]
+
+
+def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, drafter: str | None,
+            verify_tokens: int, k_max: int, batches: list[int], kv_row_mb: float, lossless: bool,
+            new: float | None = None) -> list[Candidate]:
+    """A speculative arm's candidates (the method with one drafter) from the measured pass costs and its sample
+    decode (the module's docstring, step 3); none where the sample did not draft. new: a document's new tokens
+    (default: the sample's; an arm measured on a shorter decode is predicted for the documents' whole length)."""
+    if sample.spec_s is None or not sample.iterations:
+        return []
+    prefill = sample.prefill_s / sample.docs
+    new = sample.new_tokens / sample.docs if new is None else new
+    fed = 1 + sample.drafted / sample.iterations  # tokens a row fed a pass at batch 1
+    drafter_s = max(0.0, sample.spec_s - sample.docs * prefill - sample.iterations * cost(costs, 1, fed)
+                    ) / sample.iterations
+    runs = list(sample.runs) + [0] * (sample.iterations - len(sample.runs))
+    out = []
+    for b in batches:
+        share = min(verify_tokens // b - 1 if verify_tokens else k_max, k_max)
+        if share <= 0:
+            continue  # no draft at this batch: it decodes as AR
+        gained = 1 + sum(min(a, share) for a in runs) / len(runs)
+        t = min(fed, 1 + share)
+        pass_s = cost(costs, b, t) + drafter_s * b
+        out.append(Candidate(method, drafter, b, b * new / (b * prefill + new / gained * pass_s),
+                             b * prefill + new / gained * pass_s, gained,
+                             sum(min(a, share) for a in runs) / max(1.0, len(runs) * (t - 1)),
+                             1.0 if lossless and sample.identical else sample.agreement, b * kv_row_mb, b == 1,
+                             share))
+    return out
+
+
+def cost(costs: dict[tuple[int, int], float], rows: int, tokens: float) -> float:
+    """A pass's seconds at `rows` rows of `tokens` tokens: measured, or interpolated between measured token counts."""
+    points = sorted(t for r, t in costs if r == rows)
+    below = max((t for t in points if t <= tokens), default=points[0])
+    above = min((t for t in points if t >= tokens), default=points[-1])
+    if above == below:
+        return costs[rows, below]
+    w = (tokens - below) / (above - below)
+    return (1 - w) * costs[rows, below] + w * costs[rows, above]
+
+
+def shapes(batches: list[int], verify_tokens: int, k_max: int, drafts: bool) -> list[tuple[int, int]]:
+    """The (rows, tokens) whose pass cost the candidates need: one token at every batch, and up to 1 + the verify
+    budget's share where a speculative candidate drafts."""
+    out = set()
+    for b in batches:
+        share = min(verify_tokens // b - 1 if verify_tokens else k_max, k_max) if drafts else 0
+        out |= {(b, t) for t in TOKEN_POINTS if t <= 1 + max(share, 0)} | {(b, 1 + max(share, 0))}
+    return sorted(out)
+
+
+def choose(candidates: list[Candidate], objective: str, allowed: set[tuple[str, str | None]]) -> tuple[int, int]:
+    """(chosen, AR's best): by tokens a second, or by one document's time at batch 1 for `latency`; `allowed`: the
+    arms (method, drafter) that may be chosen besides AR (lossless, or within the agreement floor)."""
+    def key(i: int) -> float:
+        c = candidates[i]
+        return -c.tokens_per_s if objective == "throughput" else c.doc_s
+
+    pool = [i for i, c in enumerate(candidates) if (objective == "throughput" or c.batch_size == 1)]
+    chosen = min((i for i in pool if candidates[i].arm in allowed | {("ar", None)}), key=key)
+    ar = min((i for i in pool if candidates[i].method == "ar"), key=key)
+    return chosen, ar
+
+
+def batches_within(max_batch: int, kv_row_mb: float, free_mb: float) -> list[int]:
+    """The competing batch sizes: BATCHES up to max_batch (and max_batch itself), within the memory bound."""
+    fits = max(1, int(MEMORY_FRACTION * free_mb // kv_row_mb)) if kv_row_mb > 0 else max_batch
+    top = min(max_batch, fits)
+    return sorted({b for b in BATCHES if b < top} | {top})
+
+
+def kv_row_mb(model: torch.nn.Module, tokens: int) -> float:
+    """MiB of KV cache one row of `tokens` tokens holds (every layer's keys and values)."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = next(model.parameters()).element_size()
+    return config.num_hidden_layers * 2 * heads * dim * size * tokens / 2**20
+
+
+def free_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@dataclass
+class Tuned:
+    plan: Plan
+    kept: list[Generation]  # the sample's generations (token ids; Decoder.with_text adds the text): their outputs
+
+
+def drafter_key(pair: ModelPair) -> str | None:
+    """The name a pair's drafter loads by (load_drafter): "ngram", "head" for the shipped head, a model's name or a
+    head's directory."""
+    drafter = pair.drafter
+    if drafter is None or isinstance(drafter, str):
+        return drafter
+    if isinstance(drafter, FeatureHead) and Path(drafter.name).parent == SHIPPED:
+        return HEAD_DRAFTER
+    return drafter.name
+
+
+def pair_for(pair: ModelPair, drafter: str | None) -> ModelPair:
+    """`pair`'s target with the drafter named `drafter` (the pair itself where it already has it)."""
+    return pair if drafter == drafter_key(pair) else ModelPair(pair.target, load_drafter(pair.target, drafter))
+
+
+def alternatives(pair: ModelPair, settings: DecodeSettings) -> list[str]:
+    """The drafters a job's method is also measured with besides its own: the n-gram drafter (free to build) and
+    the head shipped for the target, where one ships; none for AR, SpecBound (its own self-drafter) or an
+    encoder-decoder target."""
+    if settings.method in ("ar", "specbound") or pair.target.is_encoder_decoder:
+        return []
+    own, out = drafter_key(pair), []
+    if own != "ngram":
+        out.append("ngram")
+    if not names_head(pair.drafter):
+        try:
+            shipped_head(pair.target.model)
+            out.append(HEAD_DRAFTER)
+        except HeadError:
+            pass  # none ships for this target
+    return out
+
+
+def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], ids: list[str], objective: str,
+         max_batch: int, lengths: list[int], drafters: list[str] | None = None) -> Tuned:
+    """Decode `prompts` (the sample) and choose a plan (the module's docstring). `settings` is the job's own;
+    max_batch: the most documents a batch could hold (the largest shard); lengths: the prompt tokens of the documents
+    the plan is for (the longest bounds the batch's memory; the mean sets the cache a measured pass attends over);
+    drafters: those measured besides the pair's own (default: `alternatives`)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # the seconds since the last phase ended
+        phases[name] = time.perf_counter() - start - sum(phases.values())
+
+    model, notes = pair.target.model, []
+    arms: list[tuple[str | None, Decoder]] = []  # (drafter, its decoder at batch 1), the pair's own first
+    if settings.drafts and pair.target.is_encoder_decoder:
+        notes.append("an encoder-decoder target: only AR's batch size is tuned")
+    elif settings.drafts:
+        names = [drafter_key(pair)] + (alternatives(pair, settings) if drafters is None else drafters)
+        for i, name in enumerate(names):  # the others' outputs are not kept: a shorter decode measures them
+            new = settings.max_new_tokens if i == 0 else max(ALTERNATIVE_MIN_TOKENS, settings.max_new_tokens // 2)
+            arms.append((name, Decoder(pair_for(pair, name), settings.with_(batch_size=1, trace=True,
+                                                                            max_new_tokens=new))))
+            arms[-1][1].prepare()
+    verify_tokens = arms[0][1].verify_tokens if arms else 0
+    phase("decoders")
+    row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * settings.control.k_max + 8)
+    batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
+    with kernels.decode_kernels([model], settings.small_rows):
+        costs = kernels.step_costs(model, shapes(batches, verify_tokens, settings.control.k_max, bool(arms)),
+                                   context=_bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2))
+    phase("pass costs")
+    ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
+    if not arms:
+        ar_s, kept = _timed_decode(ar_decoder, prompts, ids, "ar")
+        new = sum(len(g.token_ids) for g in kept)
+        candidates = predict_ar(costs, Sample(len(prompts), new, max(0.0, ar_s - new * costs[1, 1])), batches,
+                                row_mb)
+        phase("sample decode")
+        chosen, best_ar = choose(candidates, objective, set())
+        return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept)
+    ar: list[Generation] = []
+    if not settings.lossless:  # relaxed: each arm's agreement with AR's own decode
+        ar = _timed_decode(ar_decoder, prompts, ids, "ar")[1]
+        phase("AR's decode")
+    candidates, allowed, outputs = [], set(), {}
+    for name, decoder in arms:
+        sample, outputs[name] = _measure_arm(decoder, model, prompts, ids, ar)
+        phase(f"{settings.method}/{name}")
+        if not candidates:  # the own arm: the sample's whole outputs
+            candidates, new = predict_ar(costs, sample, batches, row_mb), sample.new_tokens / sample.docs
+        candidates += predict(costs, sample, settings.method, name, verify_tokens, settings.control.k_max,
+                              batches, row_mb, settings.lossless, new)
+        if settings.lossless and not sample.identical:
+            notes.append(f"{settings.method}/{name}'s output is not the target's greedy output on the sample: not "
+                         "lossless here, left out")
+        elif not settings.lossless and (sample.agreement or 0) < RELAXED_MIN_AGREEMENT:
+            notes.append(f"{settings.method}/{name}'s agreement with AR on the sample ({sample.agreement:.2f}) is "
+                         f"under {RELAXED_MIN_AGREEMENT}: left out")
+        else:
+            allowed.add((settings.method, name))
+    chosen, best_ar = choose(candidates, objective, allowed)
+    best = candidates[chosen]
+    # the sample's documents keep outputs the job would have written, whole (the own arm's; the others decoded
+    # fewer tokens): strict, the own arm's where it is lossless (the target's own output); relaxed, the chosen
+    # configuration's (AR's decode where AR was chosen); none otherwise (the job decodes them)
+    own = (settings.method, arms[0][0])
+    kept = outputs[own[1]] if own in allowed and (settings.lossless or best.arm == own) else \
+        ar if best.method == "ar" else []
+    return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept)
+
+
+def _plan(objective: str, candidates: list[Candidate], chosen: int, ar: int, start: float, notes: list[str],
+          phases: dict[str, float]) -> Plan:
+    return Plan(objective, candidates, chosen, ar, time.perf_counter() - start,
+                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "measured", notes, phases)
+
+
+def _measure_arm(decoder: Decoder, model: torch.nn.Module, prompts: list[list[int]], ids: list[str],
+                 ar: list[Generation]) -> tuple[Sample, list[Generation]]:
+    """Decode the sample with one arm at batch 1 and check it: strict, each output against the target's greedy
+    output (one pass over it); relaxed, its agreement with AR's decode `ar`. The prefill of each prompt is timed."""
+    settings = decoder.settings
+    spec_s, gens = _timed_decode(decoder, prompts, ids, f"{settings.method}/{drafter_key(decoder.pair)}")
+    with kernels.decode_kernels([model], settings.small_rows):
+        checked = [_prefill_and_check(model, p, g.token_ids) for p, g in zip(prompts, gens)]
+    if settings.temperature > 0:  # strict sampling is lossless in distribution, not token for token: no check
+        checked = [(seconds, True) for seconds, _ in checked]
+    if ar:
+        matches, positions, _ = token_agreement([(g.token_ids, h.token_ids[:settings.max_new_tokens])
+                                                 for g, h in zip(gens, ar)])  # (an arm may decode fewer tokens)
+        agreement = matches / max(1, positions)
+    else:
+        agreement = sum(ok for _, ok in checked) / len(checked)
+    stats = [g.stats for g in gens]
+    sample = Sample(len(prompts), sum(len(g.token_ids) for g in gens), sum(s for s, _ in checked), spec_s,
+                    sum(s.iterations for s in stats), sum(s.drafted for s in stats), tuple(_runs(gens)), agreement,
+                    all(ok for _, ok in checked))
+    return sample, gens
+
+
+def _timed_decode(decoder: Decoder, prompts: list[list[int]], ids: list[str], name: str
+                  ) -> tuple[float, list[Generation]]:
+    out: list[Generation] = []
+    seconds = kernels.timed(("decode", name, len(prompts)), lambda: out.extend(decoder.generate_ids(prompts, ids)))
+    return seconds, out
+
+
+def _prefill_and_check(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> tuple[float, bool]:
+    """The seconds of the target's prefill of `prompt` (by the stopwatch), and whether `tokens` is its greedy
+    continuation: one pass over them after the prompt's cache, each the argmax of the logits before it."""
+    cache, logits = DynamicCache(), []
+    with torch.inference_mode():
+        def prefill() -> None:
+            logits.append(model(input_ids=torch.tensor([prompt], device=model.device), past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[0])
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)  # timed to its end
+
+        seconds = kernels.timed(("prefill", len(prompt)), prefill)
+        if len(tokens) > 1:
+            logits.append(model(input_ids=torch.tensor([tokens[:-1]], device=model.device), past_key_values=cache,
+                                use_cache=True).logits[0])
+    return seconds, torch.cat(logits).argmax(-1).tolist() == list(tokens) if tokens else True
+
+
+def _runs(generations: list[Generation]) -> list[int]:
+    """Drafts accepted per verify pass that drafted, from the traces."""
+    runs: dict[tuple[str, int], int] = {}
+    for g in generations:
+        trace = g.trace or {}
+        for doc, iteration, accepted in zip(trace.get("doc_id", []), trace.get("iteration", []),
+                                            trace.get("accepted", [])):
+            runs[doc, iteration] = runs.get((doc, iteration), 0) + int(accepted)
+    return list(runs.values())
+
+
+def _bucket(tokens: float) -> int:
+    """A cache length rounded to the nearest power of two, at least 64 (so that measured costs are reused across
+    jobs)."""
+    return 1 << max(6, round(math.log2(max(1.0, tokens))))
+
+
+# -- plans on disk ---------------------------------------------------------------------------------------------
+def plan_key(pair: ModelPair, settings: DecodeSettings, objective: str, max_batch: int, task: str) -> dict[str, Any]:
+    """What a plan holds for: the machine, the models, the decode settings (less the batch size it picks), the
+    task, the objective, the largest batch, and the versions of the code and of torch and transformers."""
+    import transformers
+
+    drafter = pair.drafter
+    decode = {k: v for k, v in settings.to_dict().items() if k not in ("batch_size", "seed", "trace")}
+    return {"machine": kernels.machine(pair.device), "target": fingerprint(pair.target.model),
+            "drafter": fingerprint(drafter.model) if isinstance(drafter, LoadedModel) else
+            fingerprint(drafter) if isinstance(drafter, torch.nn.Module) else drafter,
+            "dtype": str(next(pair.target.model.parameters()).dtype), "decode": decode, "task": task,
+            "objective": objective, "max_batch": max_batch, "code": code_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def plan_path(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir() / "plans" / f"{digest}.json"
+
+
+def load_plan(key: dict[str, Any]) -> Plan | None:
+    """The plan kept for `key`, as reused; None when there is none (or it is for another key)."""
+    try:
+        saved = json.loads(plan_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    plan = Plan.from_dict(saved["plan"])
+    plan.source, plan.seconds = "reused", 0.0  # this job spent nothing on it (phases: what measuring it took)
+    return plan
+
+
+def save_plan(key: dict[str, Any], plan: Plan) -> Path:
+    path = plan_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"key": key, "plan": plan.to_dict()}, default=str, indent=1))
+    os.replace(partial, path)  # atomic: actors of one machine tuning at once each write a whole file
+    return path
+
+
+_code: str | None = None
+
+
+def code_version() -> str:
+    """A digest of cmsd's source: a plan is measured again once the decoder's code changes."""
+    global _code
+    if _code is None:
+        digest = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.rglob("*.py")):
+            digest.update(path.read_bytes())
+        _code = digest.hexdigest()[:16]
+    return _code

@@ -1,0 +1,206 @@
+"""Tuning by measurement (cmsd.tuning): what it predicts and picks from given costs (a CPU's and a GPU's), what it
+measures on a tiny model under the suite's modelled costs, the plans it keeps, and a decode that drafts nothing
+doing no drafter work."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import cmsd.decode
+from cmsd import DecodeSettings, Decoder, LoadedModel, ModelPair
+from cmsd import tuning
+from cmsd.tuning import (Plan, Sample, batches_within, choose, cost, load_plan, plan_key, predict, predict_ar, save_plan,
+                         shapes, tune)
+from tests.tiny import TINY_VOCAB, greedy_reference, perturbed, repetitive_prompts, tiny_llama
+
+NEW = 16
+BOTH = {("cmasd", "ngram")}  # the arms that may compete besides AR
+SAMPLE = Sample(docs=2, new_tokens=2 * NEW, prefill_s=0.0, spec_s=20 * 1.3, iterations=20, drafted=60,
+                runs=(3,) * 10 + (0,) * 10, agreement=1.0, identical=True)
+
+
+def cpu_costs(batches, verify_tokens, k_max=8) -> dict:
+    """A CPU's pass: it costs as the rows x tokens it carries (1 + 0.1 per token beyond the first)."""
+    return {(b, t): 1.0 + 0.1 * (b * t - 1) for b, t in shapes(batches, verify_tokens, k_max, True)}
+
+
+def gpu_costs(batches, k_max=8) -> dict:
+    """A GPU's pass: memory bound, about one step whatever it carries."""
+    return {(b, t): 1.0 + 0.002 * (b * t - 1) for b, t in shapes(batches, 0, k_max, True)}
+
+
+def tuned_on_a_tiny_model(settings: DecodeSettings, objective: str, max_batch: int = 4):
+    """(target, pair, prompts, ids, tune's result) for the n-gram drafter on text that repeats itself."""
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 3)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    ids = [f"d{i}" for i in range(len(prompts))]
+    return target, pair, prompts, ids, tune(pair, settings, prompts, ids, objective, max_batch=max_batch,
+                                            lengths=[len(p) for p in prompts])
+
+
+def test_on_a_cpu_ar_at_the_largest_batch_wins_throughput_and_drafting_wins_one_documents_time() -> None:
+    batches = [1, 2, 4, 8, 16]
+    costs = cpu_costs(batches, 4)
+    candidates = predict_ar(costs, SAMPLE, batches, 10.0) + \
+        predict(costs, SAMPLE, "cmasd", "ngram", 4, 8, batches, 10.0, True)
+    labels = [c.label for c in candidates]
+    assert labels == ["ar b1", "ar b2", "ar b4", "ar b8", "ar b16", "cmasd/ngram b1", "cmasd/ngram b2"]  # from b4
+    assert [c.measured for c in candidates] == [False] * 5 + [True, False]  # the sample decoded by the arm alone
+    # (no draft left from b4 on)
+    assert candidates[-1].verify_tokens == 1 and candidates[-1].tokens_per_call == pytest.approx(1.5)
+    chosen, ar = choose(candidates, "throughput", BOTH)
+    assert labels[chosen] == labels[ar] == "ar b16"
+    chosen, ar = choose(candidates, "latency", BOTH)
+    assert (labels[chosen], labels[ar]) == ("cmasd/ngram b1", "ar b1")
+    spec = candidates[chosen]
+    assert spec.tokens_per_call == pytest.approx(1 + 1.5)  # half the passes accepted 3 drafts (share 3)
+    assert spec.doc_s == pytest.approx(NEW / 2.5 * 1.3)  # the sample's own passes: measured there
+    assert candidates[ar].doc_s == pytest.approx(NEW * 1.0)
+    assert choose(candidates, "latency", set())[0] == ar  # where drafting may not compete (not lossless)
+
+
+def test_on_a_gpu_drafting_pays_at_every_batch_and_the_largest_wins() -> None:
+    batches = [1, 2, 4, 8, 16, 32]
+    costs = gpu_costs(batches)
+    sample = replace(SAMPLE, spec_s=20 * cost(costs, 1, 4))  # the sample's passes, no drafter cost beyond them
+    candidates = predict_ar(costs, sample, batches, 10.0) + \
+        predict(costs, sample, "cmasd", "ngram", 0, 8, batches, 10.0, True)
+    chosen, ar = choose(candidates, "throughput", BOTH)
+    assert candidates[chosen].label == "cmasd/ngram b32" and candidates[ar].label == "ar b32"
+    assert candidates[chosen].tokens_per_s / candidates[ar].tokens_per_s > 2
+    assert {c.batch_size for c in candidates if c.method == "cmasd"} == set(batches)  # no cap on the budget
+
+
+def test_the_batch_is_bounded_by_memory_and_the_largest_shard() -> None:
+    assert batches_within(64, kv_row_mb=10.0, free_mb=1000.0) == [1, 2, 4, 8, 16, 32, 50]  # 0.5 x 1000 / 10
+    assert batches_within(12, kv_row_mb=10.0, free_mb=1e6) == [1, 2, 4, 8, 12]
+    assert batches_within(64, kv_row_mb=1e6, free_mb=10.0) == [1]
+
+
+def test_tune_keeps_the_samples_outputs_identical_to_ar_and_picks_by_the_modelled_costs() -> None:
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 3)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    settings = DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=4)
+    ids = [f"d{i}" for i in range(len(prompts))]
+    for objective in ("throughput", "latency"):
+        tuned = tune(pair, settings, prompts, ids, objective, max_batch=8, lengths=[len(p) for p in prompts])
+        assert [g.token_ids for g in tuned.kept] == [greedy_reference(target, p, NEW) for p in prompts]
+        assert [g.doc_id for g in tuned.kept] == ids and all(g.trace is not None for g in tuned.kept)
+        plan = tuned.plan
+        assert plan.objective == objective and plan.source == "measured" and plan.seconds >= 0
+        spec = [c for c in plan.candidates if c.method == "cmasd"]
+        assert spec and spec[0].batch_size == 1 and spec[0].agreement_with_ar == 1.0 and spec[0].measured
+        assert spec[0].tokens_per_call > 1  # the drafter's acceptance on the sample
+        if objective == "throughput":  # modelled: a pass costs as the tokens it carries, so AR batches best
+            assert plan.best.label == "ar b8"
+        else:
+            assert plan.best.batch_size == 1
+            assert plan.best.method == ("cmasd" if spec[0].doc_s < plan.candidates[plan.ar].doc_s else "ar")
+        assert plan.settings(settings).batch_size == plan.best.batch_size
+
+
+def test_the_strict_check_is_the_targets_greedy_output_token_for_token() -> None:
+    target = tiny_llama(seed=3)
+    for prompt in repetitive_prompts(6, 4):
+        greedy = greedy_reference(target, prompt, NEW)
+        seconds, same = tuning._prefill_and_check(target, prompt, greedy)
+        assert same and seconds == 0.0  # the suite's modelled costs: a prefill costs nothing beyond its passes
+        for at in (0, NEW // 2, NEW - 1):  # one token off, at the start, the middle, the end
+            other = greedy[:at] + [(greedy[at] + 1) % TINY_VOCAB] + greedy[at + 1:]
+            assert not tuning._prefill_and_check(target, prompt, other)[1], at
+
+
+def test_relaxed_verification_competes_by_its_agreement_with_ars_decode() -> None:
+    settings = DecodeSettings(method="cmasd", verify="relaxed", max_new_tokens=NEW)
+    target, pair, prompts, ids, tuned = tuned_on_a_tiny_model(settings, "latency")
+    spec = next(c for c in tuned.plan.candidates if c.method == "cmasd" and c.batch_size == 1)
+    assert 0 < spec.agreement_with_ar <= 1
+    allowed = spec.agreement_with_ar >= tuning.RELAXED_MIN_AGREEMENT
+    assert bool(tuned.plan.notes) != allowed
+    own = Decoder(pair, settings.with_(batch_size=1)).generate_ids(prompts, ids)
+    ar = [greedy_reference(target, p, NEW) for p in prompts]
+    assert [g.token_ids for g in tuned.kept] == ([g.token_ids for g in own] if allowed else ar)
+
+
+def test_plans_are_kept_per_key_and_measured_again_when_the_code_changes(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CMSD_CACHE", str(tmp_path))
+    pair = ModelPair(LoadedModel("target", tiny_llama(seed=1), None), "ngram")
+    settings = DecodeSettings(max_new_tokens=NEW)
+    key = plan_key(pair, settings, "throughput", 8, "summarization")
+    assert load_plan(key) is None
+    batches = [1, 2, 4, 8]
+    candidates = predict_ar(cpu_costs(batches, 4), SAMPLE, batches, 1.0) + \
+        predict(cpu_costs(batches, 4), SAMPLE, "cmasd", "ngram", 4, 8, batches, 1.0, True)
+    plan = Plan("throughput", candidates, *choose(candidates, "throughput", BOTH), 1.5, "2026-12-05", "measured")
+    save_plan(key, plan)
+    again = load_plan(key)
+    assert again is not None and again.source == "reused" and again.best == plan.best
+    assert again.candidates == plan.candidates and again.to_dict()["speedup_vs_ar"] == 1.0
+    assert plan_key(pair, settings.with_(batch_size=32), "throughput", 8, "summarization") == key  # it picks that
+    for other in (plan_key(pair, settings, "latency", 8, "summarization"),
+                  plan_key(pair, settings.with_(max_new_tokens=NEW + 1), "throughput", 8, "summarization"),
+                  plan_key(pair, settings, "throughput", 16, "summarization")):
+        assert load_plan(other) is None
+    monkeypatch.setattr(tuning, "_code", "another version")
+    assert load_plan(plan_key(pair, settings, "throughput", 8, "summarization")) is None
+
+
+def test_a_batch_the_budget_leaves_no_draft_does_no_drafter_work(monkeypatch) -> None:
+    target = tiny_llama(seed=2)
+    prompts = repetitive_prompts(2, 8)
+    made = []
+
+    class Counted(cmsd.decode.NgramTreeDrafter):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cmsd.decode, "NgramTreeDrafter", Counted)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    expected = [greedy_reference(target, p, NEW) for p in prompts]
+    for batch, drafts in ((8, False), (4, False), (1, True)):  # verify budget 4: a row drafts 4 // rows - 1
+        decoder = Decoder(pair, DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=batch, verify_tokens=4))
+        made.clear()
+        gens = decoder.generate_ids(prompts)
+        assert [g.token_ids for g in gens] == expected
+        assert bool(made) == drafts == decoder.drafts_at(batch), batch
+        assert (sum(g.stats.drafted for g in gens) > 0) == drafts
+        assert all(g.stats.target_calls == len(g.token_ids) for g in gens) or drafts  # AR's one pass a token
+
+
+def test_each_drafter_at_hand_competes_and_the_best_one_is_chosen() -> None:
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 3)  # text that repeats itself: the n-gram drafter's ground
+    poor = LoadedModel("poor", perturbed(target, 0.5, seed=1), None)  # a drafter that rarely agrees
+    pair = ModelPair(LoadedModel("target", target, None), poor)
+    assert tuning.alternatives(pair, DecodeSettings()) == ["ngram"]  # no head ships for a tiny model
+    assert tuning.alternatives(pair, DecodeSettings(method="ar")) == []
+    ids = [f"d{i}" for i in range(len(prompts))]
+    settings = DecodeSettings(method="cmasd", max_new_tokens=2 * NEW)  # the alternative decodes NEW tokens
+    tuned = tune(pair, settings, prompts, ids, "latency", max_batch=4, lengths=[len(p) for p in prompts])
+    by_arm = {c.arm: c for c in tuned.plan.candidates}
+    assert set(by_arm) == {("ar", None), ("cmasd", "poor"), ("cmasd", "ngram")}
+    assert all(c.measured and c.agreement_with_ar == 1.0 for arm, c in by_arm.items() if arm[0] == "cmasd")
+    assert by_arm["cmasd", "ngram"].tokens_per_call > by_arm["cmasd", "poor"].tokens_per_call
+    assert tuned.plan.best.arm == ("cmasd", "ngram")  # the fewest passes a document (modelled: a pass costs its tokens)
+    assert [g.token_ids for g in tuned.kept] == [greedy_reference(target, p, 2 * NEW) for p in prompts]  # whole
+    chosen = tuning.pair_for(pair, tuned.plan.best.drafter)
+    assert chosen.drafter == "ngram" and chosen.target is pair.target and tuning.pair_for(pair, "poor") is pair
+
+
+def test_under_relaxed_verification_the_sample_keeps_the_chosen_configurations_outputs() -> None:
+    target, _, prompts, _, tuned = tuned_on_a_tiny_model(
+        DecodeSettings(method="cmasd", verify="relaxed", max_new_tokens=NEW), "throughput", max_batch=8)
+    assert tuned.plan.best.method == "ar"  # modelled: a pass costs as the tokens it carries
+    assert [g.token_ids for g in tuned.kept] == [greedy_reference(target, p, NEW) for p in prompts]  # AR's own
+
+
+def test_strict_sampling_competes_as_lossless_without_the_greedy_check() -> None:
+    *_, ids, tuned = tuned_on_a_tiny_model(DecodeSettings(method="cmasd", temperature=0.8, max_new_tokens=NEW),
+                                           "latency")
+    assert not tuned.plan.notes  # lossless in distribution: not left out for differing from greedy
+    assert [g.doc_id for g in tuned.kept] == ids  # its samples are the documents' outputs
