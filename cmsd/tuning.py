@@ -53,6 +53,7 @@ from cmsd.stats import token_agreement
 BATCHES = (1, 2, 4, 8, 16, 32, 64)  # the batch sizes that compete (at most the largest shard's rows)
 TOKEN_POINTS = (1, 2, 3, 5, 9)  # tokens a row whose pass cost is measured; between them, interpolated
 MEMORY_FRACTION = 0.5  # of the device's free memory, the most a batch's KV cache may take
+TUNE_SHARE = 0.1  # of the predicted time of an actor's documents, the most its sample decodes take (docs given)
 ALTERNATIVE_MIN_TOKENS = 16  # another drafter than the job's own decodes half the new tokens, at least this many
 RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor)
 
@@ -275,11 +276,13 @@ def alternatives(pair: ModelPair, settings: DecodeSettings) -> list[str]:
 
 
 def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], ids: list[str], objective: str,
-         max_batch: int, lengths: list[int], drafters: list[str] | None = None) -> Tuned:
+         max_batch: int, lengths: list[int], drafters: list[str] | None = None, docs: int | None = None) -> Tuned:
     """Decode `prompts` (the sample) and choose a plan (the module's docstring). `settings` is the job's own;
     max_batch: the most documents a batch could hold (the largest shard); lengths: the prompt tokens of the documents
     the plan is for (the longest bounds the batch's memory; the mean sets the cache a measured pass attends over);
-    drafters: those measured besides the pair's own (default: `alternatives`)."""
+    drafters: those measured besides the pair's own (default: `alternatives`); docs: the documents the plan is for
+    (the tuning's cost scales with them: another drafter is measured only while the sample decodes stay within
+    TUNE_SHARE of their predicted time; None: every drafter is measured)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     start = time.perf_counter()
@@ -288,27 +291,22 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     def phase(name: str) -> None:  # the seconds since the last phase ended
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
-    model, notes = pair.target.model, []
-    arms: list[tuple[str | None, Decoder]] = []  # (drafter, its decoder at batch 1), the pair's own first
+    model, notes, names = pair.target.model, [], []  # the drafters measured, the pair's own first
     if settings.drafts and pair.target.is_encoder_decoder:
         notes.append("an encoder-decoder target: only AR's batch size is tuned")
     elif settings.drafts:
         names = [drafter_key(pair)] + (alternatives(pair, settings) if drafters is None else drafters)
-        for i, name in enumerate(names):  # the others' outputs are not kept: a shorter decode measures them
-            new = settings.max_new_tokens if i == 0 else max(ALTERNATIVE_MIN_TOKENS, settings.max_new_tokens // 2)
-            arms.append((name, Decoder(pair_for(pair, name), settings.with_(batch_size=1, trace=True,
-                                                                            max_new_tokens=new))))
-            arms[-1][1].prepare()
-    verify_tokens = arms[0][1].verify_tokens if arms else 0
-    phase("decoders")
+        own_decoder = _arm_decoder(pair, names[0], settings, settings.max_new_tokens)
+    verify_tokens = own_decoder.verify_tokens if names else 0
+    phase("decoder")
     row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * settings.control.k_max + 8)
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
     with kernels.decode_kernels([model], settings.small_rows):
-        costs = kernels.step_costs(model, shapes(batches, verify_tokens, settings.control.k_max, bool(arms)),
+        costs = kernels.step_costs(model, shapes(batches, verify_tokens, settings.control.k_max, bool(names)),
                                    context=_bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2))
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
-    if not arms:
+    if not names:
         ar_s, kept = _timed_decode(ar_decoder, prompts, ids, "ar")
         new = sum(len(g.token_ids) for g in kept)
         candidates = predict_ar(costs, Sample(len(prompts), new, max(0.0, ar_s - new * costs[1, 1])), batches,
@@ -320,9 +318,20 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     if not settings.lossless:  # relaxed: each arm's agreement with AR's own decode
         ar = _timed_decode(ar_decoder, prompts, ids, "ar")[1]
         phase("AR's decode")
-    candidates, allowed, outputs = [], set(), {}
-    for name, decoder in arms:
+    candidates, allowed, outputs, spent = [], set(), {}, 0.0
+    short = max(ALTERNATIVE_MIN_TOKENS, settings.max_new_tokens // 2)  # the others' outputs are not kept
+    for name in names:
+        if candidates and docs is not None:  # another drafter: measured while the tuning's budget allows
+            expected = spent * short / settings.max_new_tokens
+            budget = TUNE_SHARE * docs * new / max(c.tokens_per_s for c in candidates)
+            if spent + expected > budget:
+                notes.append(f"{settings.method}/{name} not measured: its sample decode (~{expected:.1f} s) would "
+                             f"take the tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
+                             f"{budget / TUNE_SHARE:.0f} s")
+                continue
+        decoder = own_decoder if not candidates else _arm_decoder(pair, name, settings, short)
         sample, outputs[name] = _measure_arm(decoder, model, prompts, ids, ar)
+        spent += sample.spec_s or 0.0
         phase(f"{settings.method}/{name}")
         if not candidates:  # the own arm: the sample's whole outputs
             candidates, new = predict_ar(costs, sample, batches, row_mb), sample.new_tokens / sample.docs
@@ -341,10 +350,17 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     # the sample's documents keep outputs the job would have written, whole (the own arm's; the others decoded
     # fewer tokens): strict, the own arm's where it is lossless (the target's own output); relaxed, the chosen
     # configuration's (AR's decode where AR was chosen); none otherwise (the job decodes them)
-    own = (settings.method, arms[0][0])
+    own = (settings.method, names[0])
     kept = outputs[own[1]] if own in allowed and (settings.lossless or best.arm == own) else \
         ar if best.method == "ar" else []
     return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept)
+
+
+def _arm_decoder(pair: ModelPair, drafter: str | None, settings: DecodeSettings, new_tokens: int) -> Decoder:
+    """The decoder that measures one drafter on the sample: batch 1, traced, with its one-time measurements taken."""
+    decoder = Decoder(pair_for(pair, drafter), settings.with_(batch_size=1, trace=True, max_new_tokens=new_tokens))
+    decoder.prepare()
+    return decoder
 
 
 def _plan(objective: str, candidates: list[Candidate], chosen: int, ar: int, start: float, notes: list[str],

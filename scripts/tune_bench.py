@@ -1,11 +1,12 @@
 """Tuned jobs against every fixed configuration, side by side in one run: the wall time of whole `cmsd-jobs submit`s.
 
-    python scripts/tune_bench.py --corpus ../shared/data/xsum.test.jsonl --docs 48 --new-tokens 64
+    python scripts/tune_bench.py --corpus ../shared/data/xsum.test.jsonl --docs 48 --new-tokens 64 [--rounds 3]
     python scripts/tune_bench.py --corpus ../shared/data/cnn_dailymail.test.jsonl --docs 16 --latency-only
 
 Throughput: `--no-tune` jobs of {ar, cmasd} x batch {1, 8, 16, 32}, then the default (tuned) job twice: first with
 no plan kept (its plans and cost measurements removed from $CMSD_CACHE: a fresh machine, less the model's one-time
-conversion), then reusing the plan. Latency: `--no-tune --method ar --batch-size 1` against `--objective latency`
+conversion), then reusing the plan; with --rounds N the fastest `--no-tune` job and the tuned job again,
+alternately, until each ran N times (their medians: one run's wall time varies by several percent here). Latency: `--no-tune --method ar --batch-size 1` against `--objective latency`
 (both with their cost measurements kept), per-document time from the results. Every job's output is compared with
 AR's. Prints a Markdown table of ratios.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ def run_job(name: str, corpus: str, out: Path, args: argparse.Namespace, *flags:
             pq.read_table(p, columns=["id", "hypothesis", "latency_s"]).to_pylist()]
     summary = json.loads((job / "summary.json").read_text())
     print(f"{name}: {wall:.1f} s", file=sys.stderr, flush=True)
-    return {"name": name, "wall": wall, "out": {r["id"]: r["hypothesis"] for r in rows},
+    return {"name": name, "flags": flags, "wall": wall, "out": {r["id"]: r["hypothesis"] for r in rows},
             "latency": sum(r["latency_s"] for r in rows) / len(rows), "summary": summary}
 
 
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--methods", default="ar,cmasd", help="the --no-tune jobs' methods")
     parser.add_argument("--batches", default="1,8,16,32", help="the --no-tune jobs' batch sizes")
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="then the fastest --no-tune job and the tuned job "
+                        "(plan reused) again, alternately, until each ran this many times: their medians compared")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tune-bench"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -75,11 +79,20 @@ def main() -> None:
                                 "--batch-size", batch))
     for folder in ("plans", "kernels"):  # a fresh machine: nothing measured before (the model stays converted)
         shutil.rmtree(cache / folder, ignore_errors=True)
+    fastest = min(jobs, key=lambda j: j["wall"])
     jobs.append(run_job("tuned-first", corpus, args.out, args))
     jobs.append(run_job("tuned-again", corpus, args.out, args))
-    fastest = min(jobs[:-2], key=lambda j: j["wall"])
+    fixed, tuned = [fastest], [jobs[-1]]
+    for r in range(2, args.rounds + 1):
+        fixed.append(run_job(f"{fastest['name']}-r{r}", corpus, args.out, args, *fastest["flags"]))
+        tuned.append(run_job(f"tuned-again-r{r}", corpus, args.out, args))
+        jobs += [fixed[-1], tuned[-1]]
     ar = jobs[0]
     print(f"fastest --no-tune job: {fastest['name']} ({fastest['wall']:.1f} s)\n")
+    if args.rounds > 1:
+        a, b = (statistics.median(j["wall"] for j in group) for group in (fixed, tuned))
+        print(f"medians over {args.rounds} rounds: {fastest['name']} {a:.1f} s, tuned (plan reused) {b:.1f} s: "
+              f"{b / a:.3f}\n")
     print("| job | wall s | vs fastest --no-tune | tuning chose | tuning s | speedup_vs_ar | output = AR b1 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for j in jobs:

@@ -148,7 +148,7 @@ class ShardWorker:
         if plan is None:
             sample = spread(len(prompts), conf.sample)
             tuned = tune(self._pair, decode, [prompts[i] for i in sample], [ids[i] for i in sample], conf.objective,
-                         conf.max_batch, [len(p) for p in prompts])
+                         conf.max_batch, [len(p) for p in prompts], docs=conf.docs)
             plan, kept = tuned.plan, self._decoder.with_text(tuned.kept)
             try:
                 save_plan(key, plan)

@@ -17,6 +17,7 @@ class TuneConfig:
     task: str = ""  # part of the plan's key
     sample: int = 1  # documents of its first shard decoded at batch 1 by the method and by AR
     max_batch: int = 64  # the largest shard's rows: no batch can hold more
+    docs: int | None = None  # the documents an actor decodes (what tuning may spend is a share of their time)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,8 @@ def tune_config(spec: JobSpec, rows: list[int]) -> TuneConfig | None:
         return None
     per_actor = sum(rows) // spec.execution.actors
     return TuneConfig(objective=spec.execution.objective, task=spec.task.name,
-                      sample=max(1, min(TUNE_SAMPLE_MAX, per_actor // TUNE_DOCS_PER_SAMPLE)), max_batch=max(rows))
+                      sample=max(1, min(TUNE_SAMPLE_MAX, per_actor // TUNE_DOCS_PER_SAMPLE)), max_batch=max(rows),
+                      docs=per_actor)
 
 
 def actor_spawner(spec: JobSpec, job_uri: str, tune: TuneConfig | None = None) -> Callable[[], Any]:

@@ -13,7 +13,8 @@ from cmsd import DecodeSettings, Decoder, LoadedModel, ModelPair
 from cmsd import tuning
 from cmsd.tuning import (Plan, Sample, batches_within, choose, cost, load_plan, plan_key, predict, predict_ar, save_plan,
                          shapes, tune)
-from tests.tiny import TINY_VOCAB, greedy_reference, perturbed, repetitive_prompts, tiny_llama
+from tests.tiny import (TINY_VOCAB, ModelledCosts, greedy_reference, perturbed, repetitive_prompts, timed_by,
+                        tiny_llama)
 
 NEW = 16
 BOTH = {("cmasd", "ngram")}  # the arms that may compete besides AR
@@ -204,3 +205,27 @@ def test_strict_sampling_competes_as_lossless_without_the_greedy_check() -> None
                                            "latency")
     assert not tuned.plan.notes  # lossless in distribution: not left out for differing from greedy
     assert [g.doc_id for g in tuned.kept] == ids  # its samples are the documents' outputs
+
+
+class SlowSampleDecodes(ModelledCosts):
+    """The suite's modelled costs, with each tuning sample decode taking 30 s."""
+
+    def __call__(self, what: tuple, work) -> float:
+        seconds = super().__call__(what, work)
+        return 30.0 if what[0] == "decode" else seconds
+
+
+def test_another_drafter_is_measured_only_where_the_job_is_large_enough_to_pay_for_it() -> None:
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 3)
+    pair = ModelPair(LoadedModel("target", target, None), LoadedModel("own", perturbed(target, 0.5, seed=1), None))
+    ids = [f"d{i}" for i in range(len(prompts))]
+    settings = DecodeSettings(method="cmasd", max_new_tokens=NEW)
+    with timed_by(SlowSampleDecodes()):
+        for docs, measured in ((10, False), (100_000, True), (None, True)):  # None: every drafter (cmsd-jobs tune)
+            tuned = tune(pair, settings, prompts, ids, "throughput", max_batch=8, lengths=[len(p) for p in prompts],
+                         docs=docs)
+            arms = {c.arm for c in tuned.plan.candidates}
+            assert (("cmasd", "ngram") in arms) == measured, docs
+            assert any("cmasd/ngram not measured" in note for note in tuned.plan.notes) != measured, docs
+            assert [g.token_ids for g in tuned.kept] == [greedy_reference(target, p, NEW) for p in prompts]

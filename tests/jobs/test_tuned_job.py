@@ -113,6 +113,7 @@ def test_the_tuning_sample_grows_with_the_job_and_no_tune_turns_it_off(tmp_path:
     small = [12] * 4  # 48 documents: 24 an actor
     big = [64] * 15_625  # a million
     assert tune_config(spec, small).sample == 1 and tune_config(spec, small).max_batch == 12
+    assert tune_config(spec, small).docs == 24 and tune_config(spec, big).docs == 500_000
     assert tune_config(spec, big).sample == 8 and tune_config(spec, big).max_batch == 64
     assert tune_config(spec, small).objective == "throughput" and tune_config(spec, small).task == "summarization"
     assert tune_config(spec.with_("execution", tune=False), small) is None
