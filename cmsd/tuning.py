@@ -345,6 +345,9 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                          f"under {RELAXED_MIN_AGREEMENT}: left out")
         else:
             allowed.add((settings.method, name))
+    if all(c.method == "ar" for c in candidates):
+        notes.append(f"the verify budget ({verify_tokens} token(s) a pass, measured here) leaves no draft at any "
+                     f"batch: {settings.method} decodes as AR does")
     chosen, best_ar = choose(candidates, objective, allowed)
     best = candidates[chosen]
     # the sample's documents keep outputs the job would have written, whole (the own arm's; the others decoded

@@ -229,3 +229,9 @@ def test_another_drafter_is_measured_only_where_the_job_is_large_enough_to_pay_f
             assert (("cmasd", "ngram") in arms) == measured, docs
             assert any("cmasd/ngram not measured" in note for note in tuned.plan.notes) != measured, docs
             assert [g.token_ids for g in tuned.kept] == [greedy_reference(target, p, NEW) for p in prompts]
+
+
+def test_a_budget_that_leaves_no_draft_is_said_so() -> None:
+    *_, tuned = tuned_on_a_tiny_model(DecodeSettings(method="cmasd", max_new_tokens=NEW, verify_tokens=1), "latency")
+    assert all(c.method == "ar" for c in tuned.plan.candidates) and tuned.plan.best.label == "ar b1"
+    assert any("leaves no draft at any batch" in note for note in tuned.plan.notes)

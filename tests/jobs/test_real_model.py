@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.ray]
 
 
 def test_the_demo_job_on_smollm2(tmp_path: Path, ray_local: str) -> None:
-    args = ["submit", "--demo", "--limit", "4", "--shards", "2", "--max-new-tokens", "16", "--out", str(tmp_path)]
+    args = ["submit", "--demo", "--limit", "4", "--shards", "2", "--max-new-tokens", "16", "--out", str(tmp_path),
+            "--set", "decode.verify_tokens=4"]  # a budget measured under load may leave no draft, and no cmasd candidate
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

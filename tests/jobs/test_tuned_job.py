@@ -46,7 +46,9 @@ def unique_stop() -> list[str]:
 def test_a_tuned_job_explains_its_choice_and_decodes_as_ar(tmp_path: Path, tiny_target: Path, ray_local: str) -> None:
     docs = articles(12)
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
-    spec = job_spec(corpus, tiny_target, tmp_path / "runs").with_("decode", stop=unique_stop())
+    spec = job_spec(corpus, tiny_target, tmp_path / "runs").with_("decode", stop=unique_stop(), verify_tokens=8)
+    # (a verify budget of 8 tokens: the actors time with the wall clock, and a budget measured under load may leave
+    # no draft at batch 1, where no speculative candidate competes)
     assert spec.execution.tune and spec.execution.objective == "throughput"  # the defaults
     ar = submit(spec.with_("execution", tune=False).with_("decode", method="ar").with_("output", job_id="ar"),
                 observer=Recorder())
@@ -64,7 +66,11 @@ def test_a_tuned_job_explains_its_choice_and_decodes_as_ar(tmp_path: Path, tiny_
     spec_b1 = next(c for c in tuning["candidates"] if c["label"] == "cmasd/ngram b1")
     assert spec_b1["agreement_with_ar"] == 1.0 and spec_b1["tokens_per_call"] >= 1
     assert set(tuning["actors"].values()) <= set(labels)
-    assert first.summary["overall"]["speedup_vs_ar"] is not None
+    speedup, ran = first.summary["overall"]["speedup_vs_ar"], set(tuning["actors"].values())
+    if all(label.startswith("ar ") for label in ran):
+        assert speedup == 1.0  # AR at AR's own best batch: itself
+    else:  # measured on the baseline documents, where an actor that drafts decoded some (the actors may choose apart)
+        assert (speedup is not None) == (first.summary["baseline"]["docs"] > 0)
     job = Path(first.uri)
     report = (job / "report.md").read_text()
     assert "## Tuning" in report and "plots/tuning.png" in report and (job / "plots/tuning.png").is_file()
@@ -74,7 +80,8 @@ def test_a_tuned_job_explains_its_choice_and_decodes_as_ar(tmp_path: Path, tiny_
         assert drawn != (NO_DRAFTS.format(what=what) in report), name  # a plot with data, or a line saying why not
     second = submit(spec.with_("output", job_id="second"), observer=Recorder())
     assert second.summary["tuning"]["source"] == "reused"  # the plan kept on this machine: no measuring
-    assert second.summary["tuning"]["chosen"] == tuning["chosen"]
+    # the plan one of the first job's actors kept (each measured on its own, by the wall clock: they may differ)
+    assert second.summary["tuning"]["chosen"]["label"] in set(tuning["actors"].values())
     assert hypotheses(second.uri) == hypotheses(ar.uri)
 
 
@@ -91,7 +98,7 @@ def test_tune_prints_the_plan_and_keeps_it(tmp_path: Path, tiny_target: Path) ->
     corpus = write_jsonl(tmp_path / "docs.jsonl", articles(5))
     env = {**os.environ, "CMSD_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "jobs", "tune", "--corpus", str(corpus), "--target", str(tiny_target),
-               "--max-new-tokens", "8", "--docs", "2"]
+               "--max-new-tokens", "8", "--set", "decode.verify_tokens=8", "--docs", "2"]  # (as above)
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Tuned for throughput (measured now" in first.stdout and "| cmasd/ngram b1 |" in first.stdout
