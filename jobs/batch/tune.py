@@ -33,6 +33,7 @@ def tune_corpus(spec: JobSpec, docs: int) -> TunedCorpus:
     from cmsd import load_pair
     from cmsd.decode import encode_prompt
     from cmsd.tuning import load_plan, plan_key, plan_path, save_plan, tune
+    from workers.prompts import split_by_length
     from workers.protocol import spread
 
     execution = spec.execution
@@ -53,8 +54,8 @@ def tune_corpus(spec: JobSpec, docs: int) -> TunedCorpus:
     template = spec.template()
     prompts = [encode_prompt(pair.tokenizer, template.render(pair.tokenizer, r.source, r.src_lang, r.tgt_lang))
                for r in rows]
-    budget = pair.max_context - spec.decode.max_new_tokens
-    fits = [(p, r.id) for p, r in zip(prompts, rows) if len(p) <= budget]
+    keep, _ = split_by_length(prompts, pair.max_context - spec.decode.max_new_tokens)  # the workers' rule
+    fits = [(prompts[i], rows[i].id) for i in keep]
     if not fits:
         raise BadInput(f"{spec.corpus.path}: the first {len(rows)} documents are too long for the model with "
                        f"decode.max_new_tokens {spec.decode.max_new_tokens} added")

@@ -131,7 +131,7 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prep
 
 @main.command(context_settings={"show_default": True})
 @click.option("--docs", type=int, default=1, help="Documents to measure on (from the corpus's start), each decoded "
-              "at batch 1 by the method and by AR.")
+              "at batch 1 by the method with each drafter at hand (and by AR too under relaxed verification).")
 def tune(spec_file: str | None, demo: bool, assignments: tuple[str, ...], docs: int, **flags: Any) -> None:
     """Measure and print the plan a job's actors would run on this machine (method and batch size, and why), and
     keep it on disk where the job's actors find it and start at once. Takes submit's spec and flags."""
