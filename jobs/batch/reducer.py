@@ -146,13 +146,14 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
 
 
 def tuning_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The plan the actors tuned (cmsd.tuning): the first actor's, with every actor's choice ("node/pid": label; the
-    actors of one machine may choose apart, nodes of different kinds do)."""
+    """The plan the actors tuned (cmsd.tuning): the first actor's that measured in this job (else the first's), with
+    every actor's choice ("node/pid": label; the actors of one machine may choose apart, nodes of different kinds
+    do). An actor that starts after another of its machine kept a plan reuses it, so the job measured if any did."""
     plans = (run or {}).get("tuning") or {}
     if not plans:
         return None
-    first = plans[min(plans)]
-    return {**first, "actors": {actor: plan["chosen"]["label"] for actor, plan in sorted(plans.items())}}
+    order = sorted(plans, key=lambda actor: (plans[actor]["source"] != "measured", actor))
+    return {**plans[order[0]], "actors": {actor: plan["chosen"]["label"] for actor, plan in sorted(plans.items())}}
 
 
 def _run_numbers(run: dict[str, Any] | None, overall: dict[str, Any]) -> dict[str, Any] | None:

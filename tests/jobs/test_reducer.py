@@ -81,3 +81,19 @@ def test_a_job_whose_every_row_was_refused_fails_naming_why(job) -> None:
                                                            for r in results.column("row").to_pylist()])
     with pytest.raises(JobFailed, match="no document could be decoded: all 20 rows were refused"):
         reduce_job(store, manifest, spec, None)
+
+
+def test_a_job_measured_its_plan_when_any_of_its_actors_did() -> None:
+    from jobs.batch.reducer import tuning_summary
+
+    def plan(source: str, label: str) -> dict:
+        return {"source": source, "seconds": 0.0 if source == "reused" else 2.5, "chosen": {"label": label}}
+
+    # the actor that started second found the plan the first kept a moment before: the job still measured it
+    run = {"tuning": {"node/1": plan("reused", "ar b4"), "node/2": plan("measured", "ar b4")}}
+    summary = tuning_summary(run)
+    assert summary["source"] == "measured" and summary["seconds"] == 2.5
+    assert summary["actors"] == {"node/1": "ar b4", "node/2": "ar b4"}
+    both = tuning_summary({"tuning": {"node/2": plan("reused", "ar b1"), "node/1": plan("reused", "ar b4")}})
+    assert both["source"] == "reused" and both["chosen"]["label"] == "ar b4"  # the first actor's
+    assert tuning_summary({}) is None and tuning_summary(None) is None
