@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from cmsd.drafters.base import Draft
+from cmsd.drafters.base import Draft, Keep
 from cmsd.settings import DecodeSettings
+from cmsd.syncs import HostReads, Read
 
 
 class Controller:
-    def __init__(self, settings: DecodeSettings, batch: int, device: torch.device) -> None:
+    """`reads`: the decode's HostReads. The next draft lengths travel to the host with each verdict, so the decoder
+    knows how far to draft without a sync of its own."""
+
+    def __init__(self, settings: DecodeSettings, batch: int, device: torch.device,
+                 reads: HostReads | None = None) -> None:
         self.control = settings.control
         self.drafts, self.adaptive = settings.drafts, settings.adaptive_k
         self.tau_on = settings.threshold_rule
@@ -25,26 +30,50 @@ class Controller:
         self.specbound = settings.specbound if settings.bounded else None
         self.start_floor = self.specbound.bound if self.specbound else self.control.c_stop
         self.floor = torch.full((batch,), self.start_floor, device=device)  # [B] drafting stops before C < floor
+        self.reads = reads or HostReads()
+        self.first_k = int(self._wish(torch.full((1,), float("nan")))[0])  # a row's k before it drafts (on the host)
+        self.wish: Read | list[int] = [self.first_k] * batch  # [B] each row's k before its budget, on the host
         self.begin_draft()
 
     def refill(self, rows: list[int]) -> None:
         """These rows start over with new documents (continuous batching): no draft seen yet, the first bound."""
         index = torch.tensor(rows, device=self.floor.device)
         self.cbar[index], self.floor[index] = float("nan"), self.start_floor
+        self.wish = self._wishes()
+        for row in rows:
+            self.wish[row] = self.first_k
 
     def draft_lengths(self, budget: torch.Tensor) -> torch.Tensor:
-        """budget: [B] the most drafted tokens a row can still use. Returns k: [B]."""
+        """budget: [B] the most drafted tokens a row can still use. Returns k: [B] (plan: the same on the host)."""
+        return torch.minimum(self._wish(self.cbar), budget.clamp(min=0))
+
+    def plan(self, budget: list[int]) -> list[int]:
+        """draft_lengths on the host, from the k read with the last verdict (no sync of its own)."""
+        return [min(k, max(b, 0)) for k, b in zip(self._wishes(), budget)]
+
+    def _wish(self, cbar: torch.Tensor) -> torch.Tensor:
+        """cbar: [B] -> each row's k before its budget [B]."""
         c = self.control
         if not self.drafts:
-            return torch.zeros_like(budget)
+            return torch.zeros_like(cbar, dtype=torch.long)
         if self.specbound:
-            k = torch.full_like(budget, c.k_max)
-        elif self.adaptive:
-            k = (c.k_min + torch.round(c.alpha * self.cbar * (c.k_max - c.k_min))).nan_to_num(c.k_min)
-            k = k.clamp(c.k_min, c.k_max).long()
-        else:
-            k = torch.full_like(budget, c.k)
-        return torch.minimum(k, budget.clamp(min=0))
+            return torch.full_like(cbar, c.k_max, dtype=torch.long)
+        if self.adaptive:
+            k = (c.k_min + torch.round(c.alpha * cbar * (c.k_max - c.k_min))).nan_to_num(c.k_min)
+            return k.clamp(c.k_min, c.k_max).long()
+        return torch.full_like(cbar, c.k, dtype=torch.long)
+
+    def _wishes(self) -> list[int]:
+        if isinstance(self.wish, Read):
+            self.wish = self.wish.value
+        return self.wish
+
+    @property
+    def gate(self) -> Keep | None:
+        """keep, where it can stop a draft (c_stop, chain_stop, SpecBound's bound); None where it keeps every
+        candidate (confidences are >= 0): drafters then need no sync to know where drafting stops."""
+        gated = self.specbound is not None or self.control.c_stop > 0 or self.control.chain_stop > 0
+        return self.keep if gated else None
 
     def begin_draft(self) -> None:
         self.chain = torch.ones_like(self.floor)  # [B] running product of C over the draft being built
@@ -71,6 +100,10 @@ class Controller:
             b = self.specbound
             step = torch.where(accepted >= draft.lengths, -b.bound_step, b.bound_step)
             self.floor = torch.where(drafted, self.floor + step, self.floor).clamp(b.bound_min, b.bound_max)
+        if self.adaptive:  # (otherwise k does not change)
+            self.wish = self.reads.ask(self._wish(self.cbar))  # the next draft lengths, read with the verdict
 
     def select(self, rows: torch.Tensor) -> None:
         self.cbar, self.floor, self.chain = self.cbar[rows], self.floor[rows], self.chain[rows]
+        wishes = self._wishes()
+        self.wish = [wishes[r] for r in rows.tolist()]

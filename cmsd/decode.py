@@ -2,7 +2,9 @@
 
 Each row keeps its own draft length and acceptance; finished rows leave the batch. The loop only coordinates
 the drafter (cmsd.drafters.*), the verification rule (cmsd.verify), the controller (cmsd.control) and the KV
-states (cmsd.kv); one host transfer per iteration carries the verdict back for bookkeeping.
+states (cmsd.kv); one host transfer per iteration (cmsd.syncs.HostReads) carries back the verdict for bookkeeping,
+the controller's next draft lengths and the caches' used slots: on a GPU, one sync per iteration (a head tree and
+a gated draft cost more: cmsd.syncs).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,6 +28,7 @@ from cmsd.kv import HoleyState, SyncState, open_state, refill_state, refillable
 from cmsd.models import LoadedModel, ModelPair
 from cmsd.settings import DecodeSettings
 from cmsd.stats import TRACE_COLUMNS, DocStats
+from cmsd.syncs import HostReads, Read, outside_loop, to_device
 from cmsd.verify import Rule, Verdict, verify, verify_tree
 
 
@@ -51,6 +55,17 @@ class _Row:
     finish: str | None = None
     trace: dict[str, list] | None = None
     started: float = 0.0  # perf_counter when the row joined a batch
+
+
+@dataclass
+class _Seen:
+    """What the host reads of an iteration (asked for from HostReads: one transfer with the rest of it)."""
+
+    accepted: Read  # [B] accepted drafted tokens
+    next_token: Read  # [B]
+    lengths: Read  # [B] drafted tokens
+    tokens: Read  # [B, K] drafted tokens (a tree's accepted path first)
+    trace: tuple[Read, Read, Read] | None  # confidences [B, K, 4], thresholds tau [B, K], the target's top1 [B, K+1]
 
 
 class Decoder:
@@ -89,6 +104,7 @@ class Decoder:
         self.eos = eos_ids(pair.target)
         self.costs: tuple[float, ...] | None = None  # measured cost of a pass over 1..MAX_PASS tokens (auto budget)
         self.verify_tokens = settings.verify_tokens  # 0: resolved at the first decode (measured on CPU)
+        self.iterations = 0  # decode-loop iterations (verify passes over the live rows) of the last generate call
 
     # -- text level ------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], doc_ids: list[str] | None = None,
@@ -124,6 +140,7 @@ class Decoder:
                                  f"context of {self.pair.max_context}")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[Generation | None] = [None] * len(prompts)
+        self.iterations = 0
         size = self.settings.batch_size
         step = max(1, len(order)) if self.continuous else size
         for start in range(0, len(order), step):
@@ -145,8 +162,10 @@ class Decoder:
         settings = self.settings
         generator = torch.Generator(device=self.pair.device).manual_seed(settings.seed + seed_offset)
         sampler = Sampler(settings.temperature, generator)
-        with decode_kernels(self._models(), settings.small_rows):
-            self._measure()
+        with ExitStack() as kernels:
+            with outside_loop():
+                kernels.enter_context(decode_kernels(self._models(), settings.small_rows))
+                self._measure()
             return self._decode_rows(prompts, doc_ids, sampler, generator, progress)
 
     def prepare(self) -> None:
@@ -170,6 +189,7 @@ class Decoder:
         settings, device = self.settings, self.pair.device
         queue = deque(range(len(prompts)))
         rows: list[_Row] = []
+        reads = HostReads()  # what the host reads of an iteration: one transfer
 
         def admit(count: int) -> list[int]:
             """The next documents of the queue; returns their indices into `prompts`."""
@@ -180,25 +200,28 @@ class Decoder:
                                  trace={c: [] for c in TRACE_COLUMNS} if settings.trace else None))
             return taken
 
-        live = admit(settings.batch_size)  # batch row b decodes prompts[live[b]]
-        capacity = max(len(prompts[i]) for i in live) + settings.max_new_tokens + 2 * settings.control.k_max + 8
-        drafting = settings.drafts and self.drafts_at(len(live))  # none left at this batch: AR's own path
-        target, pending, drafter = self._open([prompts[i] for i in live], capacity, sampler, drafting)  # 1. prefill
-        controller = Controller(settings, len(live), device)
+        with outside_loop():
+            live = admit(settings.batch_size)  # batch row b decodes prompts[live[b]]
+            capacity = max(len(prompts[i]) for i in live) + settings.max_new_tokens + 2 * settings.control.k_max + 8
+            drafting = settings.drafts and self.drafts_at(len(live))  # none left at this batch: AR's own path
+            target, pending, drafter = self._open([prompts[i] for i in live], capacity, sampler, drafting,
+                                                  reads)  # 1. prefill
+            controller = Controller(settings, len(live), device, reads)
         iteration, mark = 0, rows[0].started
         while live:
-            share = self.verify_tokens // len(live) - 1 if self.verify_tokens else settings.control.k_max
-            budget = torch.tensor([min(share, rows[r].budget - len(rows[r].tokens) - 1) for r in live], device=device)
-            k = budget.clamp(min=0) if self.tree else controller.draft_lengths(budget)  # 2. how far to draft
+            k_host = self._draft_lengths([rows[r] for r in live], controller)  # 2. how far to draft
             controller.begin_draft()
-            draft = drafter.propose(k, controller.keep) if drafter else Draft.empty(len(live), device)
+            draft = (drafter.propose(to_device(torch.tensor(k_host), device), k_host, controller.gate) if drafter
+                     else Draft.empty(len(live), device))
             verdict, draft, tau = self._verify(target, pending, draft, controller, generator)  # 3. verify, 4. roll back
+            controller.observe(draft, verdict.accepted)  # 5. adapt
+            seen = self._ask(reads, draft, verdict, tau)
             if drafter:
                 drafter.commit(verdict.accepted, verdict.next_token, verdict.path)
-            controller.observe(draft, verdict.accepted)  # 5. adapt
             pending = verdict.next_token
-            self._record([rows[r] for r in live], draft, verdict, k, tau, iteration)
+            self._record([rows[r] for r in live], seen, k_host, iteration)  # 6. the host's bookkeeping
             iteration += 1
+            self.iterations += 1
             now = time.perf_counter()
             for r in live:  # the iteration's wall time, shared by the rows in it
                 rows[r].stats.decode_s += (now - mark) / len(live)
@@ -208,23 +231,38 @@ class Decoder:
                 continue
             if progress:
                 progress(len(done))
-            new = admit(len(done)) if self.continuous else []  # 6. the next documents take finished rows' places
-            if new:
-                places = done[:len(new)]
-                pending = pending.clone()
-                pending[torch.tensor(places, device=device)] = self._refill(target, drafter, controller, places,
-                                                                            [prompts[i] for i in new])
-                for b, i in zip(places, new):
-                    live[b] = i
-            stay = [b for b, r in enumerate(live) if rows[r].finish is None]
-            if len(stay) < len(live):  # 7. finished rows with nothing to take their place leave the batch
-                index = torch.tensor(stay, device=device, dtype=torch.long)
-                for part in (target, drafter, controller):
-                    if part:
-                        part.select(index)
-                pending = pending[index]
-                live = [live[b] for b in stay]
+            with outside_loop():
+                new = admit(len(done)) if self.continuous else []  # 7. the next documents take finished rows' places
+                if new:
+                    places = done[:len(new)]
+                    pending = pending.clone()
+                    pending[torch.tensor(places, device=device)] = self._refill(target, drafter, controller, places,
+                                                                                [prompts[i] for i in new])
+                    for b, i in zip(places, new):
+                        live[b] = i
+                stay = [b for b, r in enumerate(live) if rows[r].finish is None]
+                if len(stay) < len(live):  # 8. finished rows with nothing to take their place leave the batch
+                    index = torch.tensor(stay, device=device, dtype=torch.long)
+                    for part in (target, drafter, controller):
+                        if part:
+                            part.select(index)
+                    pending = pending[index]
+                    live = [live[b] for b in stay]
         return [self._finish(row) for row in rows]
+
+    def _draft_lengths(self, rows: list[_Row], controller: Controller) -> list[int]:
+        """How far each row drafts, on the host: its share of the verify budget and its remaining tokens cap a tree,
+        and the controller's k_j within them a chain."""
+        share = self.verify_tokens // len(rows) - 1 if self.verify_tokens else self.settings.control.k_max
+        budget = [min(share, row.budget - len(row.tokens) - 1) for row in rows]
+        return [max(b, 0) for b in budget] if self.tree else controller.plan(budget)
+
+    def _ask(self, reads: HostReads, draft: Draft, verdict: Verdict, tau: torch.Tensor) -> _Seen:
+        """Ask for what the host reads of this iteration: it comes back in one transfer with what the controller and
+        the caches asked for (the first read of any of it)."""
+        trace = (reads.ask(draft.conf), reads.ask(tau), reads.ask(verdict.top1)) if self.settings.trace else None
+        return _Seen(reads.ask(verdict.accepted), reads.ask(verdict.next_token), reads.ask(draft.lengths),
+                     reads.ask(draft.tokens), trace)
 
     def _refill(self, target: HoleyState, drafter: Drafter | None, controller: Controller, places: list[int],
                 prompts: list[list[int]]) -> torch.Tensor:
@@ -242,6 +280,7 @@ class Decoder:
         tokens = torch.cat([pending[:, None], draft.tokens], 1)  # [B, 1 + K]
         valid = torch.cat([torch.ones_like(pending[:, None], dtype=torch.bool),
                            torch.arange(draft.tokens.shape[1], device=pending.device) < draft.lengths[:, None]], 1)
+        known = None if not draft.tokens.shape[1] else valid  # no draft: every token valid, as the host knows
         if draft.parents is not None and draft.tokens.shape[1]:  # a tree: each draft sees the cache, the pending
             #                                                      token and its ancestors
             logits = target.feed(tokens, valid, parents=torch.cat([torch.full_like(tokens[:, :1], -1),
@@ -252,7 +291,7 @@ class Decoder:
             keep[:, 0] = True  # and the pending token
             target.commit(keep)
             return verdict, draft.reorder(verdict.path), torch.zeros_like(draft.conf[..., 3])
-        logits = target.feed(tokens, valid)  # [B, 1 + K, V]
+        logits = target.feed(tokens, known)  # [B, 1 + K, V]
         tau = controller.thresholds(draft.conf[..., 3])
         verdict = verify(self.rule, draft.tokens, draft.lengths, logits, tau, self.settings.temperature, draft.q,
                          generator)
@@ -263,37 +302,38 @@ class Decoder:
         """Whether the verify budget leaves a row any draft at a batch of `rows` rows (verify_tokens // rows - 1)."""
         return not self.verify_tokens or self.verify_tokens // rows - 1 > 0
 
-    def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler, drafting: bool
+    def _open(self, prompts: list[list[int]], capacity: int, sampler: Sampler, drafting: bool, reads: HostReads
               ) -> tuple[HoleyState | SyncState, torch.Tensor, Drafter | None]:
         """Prefill the target (and a model drafter, when `drafting`); returns the target state, the first token each
-        row feeds, and the drafter (None: no drafter work at all, as AR)."""
+        row feeds, and the drafter (None: no drafter work at all, as AR). They all read with `reads`."""
         settings, drafter, model = self.settings, self.pair.drafter, self.pair.target.model
         if self.self_spec and drafting:
-            return self.self_spec.open(model, prompts, capacity, settings.confidence, sampler)
-        target, first = open_state(model, prompts, capacity, features=drafting and isinstance(drafter, FeatureHead))
+            return self.self_spec.open(model, prompts, capacity, settings.confidence, sampler, reads)
+        target, first = open_state(model, prompts, capacity, features=drafting and isinstance(drafter, FeatureHead),
+                                   reads=reads)
         if not drafting:
             return target, first, None
         if isinstance(drafter, FeatureHead):
             return target, first, HeadDrafter(drafter, target, prompts, capacity, settings.confidence, sampler,
-                                              settings.head if self.tree else None, self.costs)
+                                              settings.head if self.tree else None, self.costs, reads)
         if isinstance(drafter, LoadedModel):
-            return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler)
+            return target, first, ModelDrafter(drafter.model, prompts, capacity, settings.confidence, sampler, reads)
         if drafter == "ngram":
             vocab = model.config.get_text_config(decoder=True).vocab_size
             args = (prompts, vocab, settings.ngram, settings.confidence, sampler, self.pair.device)
-            return target, first, NgramTreeDrafter(*args, costs=self.costs) if self.tree else NgramDrafter(*args)
+            return target, first, (NgramTreeDrafter(*args, costs=self.costs, reads=reads) if self.tree
+                                   else NgramDrafter(*args, reads=reads))
         raise ValueError(f"unknown drafter {drafter!r}")
 
-    def _record(self, rows: list[_Row], draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
-                iteration: int) -> None:
+    def _record(self, rows: list[_Row], seen: _Seen, k: list[int], iteration: int) -> None:
         """Append each row's accepted drafts and next token (cut at EOS / budget) and count everything."""
-        accepted, nxt = verdict.accepted.tolist(), verdict.next_token.tolist()
-        lengths, drafted = draft.lengths.tolist(), draft.tokens.tolist()
+        accepted, nxt, lengths, drafted = (r.value for r in (seen.accepted, seen.next_token, seen.lengths, seen.tokens))
+        conf, tau, top1 = (r.value for r in seen.trace) if seen.trace else (None, None, None)
         now = time.perf_counter()
         for i, row in enumerate(rows):
             a, n = accepted[i], lengths[i]
             if row.trace is not None and n:
-                _trace(row, i, draft, verdict, k, tau, iteration)
+                _trace(row, iteration, drafted[i][:n], a, k[i], conf[i][:n], tau[i][:n], top1[i][:n])
             new = drafted[i][:a] + [nxt[i]]
             for t in new:
                 row.tokens.append(t)
@@ -320,17 +360,16 @@ class Decoder:
         return Generation(row.doc_id, row.tokens, row.prompt_tokens, row.stats, row.finish or "length", trace=row.trace)
 
 
-def _trace(row: _Row, i: int, draft: Draft, verdict: Verdict, k: torch.Tensor, tau: torch.Tensor,
-           iteration: int) -> None:
-    n = int(draft.lengths[i])
-    conf = draft.conf[i, :n].tolist()
+def _trace(row: _Row, iteration: int, tokens: list[int], accepted: int, k: int, conf: list[list[float]],
+           tau: list[float], top1: list[int]) -> None:
+    """One row's drafted tokens of an iteration (host copies: tokens, conf, tau, top1 cut to its n drafts)."""
+    n = len(tokens)
     columns = {
         "doc_id": [row.doc_id] * n, "iteration": [iteration] * n,
-        "position": list(range(len(row.tokens), len(row.tokens) + n)),
-        "token_id": draft.tokens[i, :n].tolist(),
+        "position": list(range(len(row.tokens), len(row.tokens) + n)), "token_id": tokens,
         "c_ent": [c[0] for c in conf], "c_margin": [c[1] for c in conf], "c_soft": [c[2] for c in conf],
-        "c": [c[3] for c in conf], "k_j": [int(k[i])] * n, "tau_t": tau[i, :n].tolist(),
-        "accepted": [j < int(verdict.accepted[i]) for j in range(n)], "target_top1": verdict.top1[i, :n].tolist(),
+        "c": [c[3] for c in conf], "k_j": [k] * n, "tau_t": tau, "accepted": [j < accepted for j in range(n)],
+        "target_top1": top1,
     }
     for name, values in columns.items():
         row.trace[name].extend(values)

@@ -259,16 +259,31 @@ def timed(what: tuple, work: Callable[[], object]) -> float:
     return _stopwatch(what, work)
 
 
+def device_seconds(device: torch.device, what: tuple, work: Callable[[], object]) -> float:
+    """The seconds `work` took on `device`: on a GPU by CUDA events recorded around it (the stream's time from the
+    first kernel to the last, host gaps between them included), elsewhere (or with a test's stopwatch) by the
+    stopwatch."""
+    if device.type != "cuda" or _stopwatch is not wall_clock:
+        return _stopwatch(what, work)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 def step_costs(model: nn.Module, shapes: Collection[tuple[int, int]], context: int, repeats: int = 2
                ) -> dict[tuple[int, int], float]:
     """Seconds of one decode pass of a decoder-only `model` per (rows, tokens a row) in `shapes`: every row after a
-    `context`-token cache (HoleyState, as the decode feeds it; one row prefilled, then copied, so no prefill of many
-    rows is paid), the fastest of `repeats` after a warm-up. On a GPU each pass is timed to its end (a
-    synchronize). Kept on disk once per machine and model (`_on_disk`), with the kernels in effect when called."""
+    `context`-token cache (HoleyState, as the decode feeds it; two rows prefilled, 8 tokens apart, then copied, so
+    no prefill of many rows is paid and a batch's cache has the holes of its shorter prompts), the fastest of
+    `repeats` after a warm-up, by `device_seconds` (CUDA events on a GPU). Kept on disk once per machine and model
+    (`_on_disk`), with the kernels in effect when called."""
     shapes = sorted(set(shapes))
     kernels = (model.config._attn_implementation,
                next((sorted(m.small_rows) for m in model.modules() if isinstance(m, SmallRowsLinear)), None))
-    value = _on_disk(model, "step cost", (shapes, context, repeats, *kernels),
+    value = _on_disk(model, "step cost", (shapes, context, repeats, *kernels, "ragged rows"),
                      lambda: _time_steps(model, shapes, context, repeats))
     return {(rows, tokens): seconds for (rows, tokens), seconds in zip(shapes, value)}
 
@@ -278,21 +293,27 @@ def _time_steps(model: nn.Module, shapes: list[tuple[int, int]], context: int, r
     config = model.config.get_text_config(decoder=True)
     width = max(tokens for _, tokens in shapes)
     length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
-    state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
-    out = []
+    prompt = [i % config.vocab_size for i in range(length)]
+    # the rows of a batch have prompts of different lengths, so the shorter ones' caches start with holes and the
+    # mask is applied (a row alone has none: its steps skip the mask): a row and one 8 tokens shorter, copied to the
+    # batch's rows in turn, the whole one alone for one row
+    state = HoleyState(model, [prompt, prompt[:max(1, length - 8)]], length + width + 8)
+    seconds, held = {}, [0, 1]  # the prompt (0: the whole, 1: the shorter) each row of the state holds
     with torch.inference_mode():
-        for rows, tokens in shapes:  # by rows: the one row's cache is copied to more rows as they grow
-            state.select(torch.zeros(rows, dtype=torch.long, device=model.device))
+        for rows, tokens in sorted(shapes, key=lambda s: (s[0] == 1, s)):  # one row last (the shorter goes then)
+            want = [i % 2 for i in range(rows)]
+            state.select(torch.tensor([held.index(w) for w in want], device=model.device))
+            held = want
             ids = torch.zeros(rows, tokens, dtype=torch.long, device=model.device)
 
             def one_pass() -> None:
                 state.feed(ids, torch.ones_like(ids, dtype=torch.bool))
                 state.commit(torch.zeros(rows, dtype=torch.long, device=model.device))  # the cache as it was
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
 
             one_pass()  # warm-up
-            out.append(min(_stopwatch(("step", rows, tokens), one_pass) for _ in range(repeats)))
+            seconds[rows, tokens] = min(device_seconds(model.device, ("step", rows, tokens), one_pass)
+                                        for _ in range(repeats))
+    out = [seconds[shape] for shape in shapes]
     log.info("step cost for (rows, tokens) %s: %s s (timed in %.1f s)", shapes, " ".join(f"{c:.4f}" for c in out),
              time.perf_counter() - started)
     return out

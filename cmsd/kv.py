@@ -2,7 +2,8 @@
 
 Both states below have one interface, so the decode loop and the drafters never know which one they hold:
 
-    feed(tokens [B, W], valid [B, W]) -> logits [B, W, V]   append each row's valid tokens
+    feed(tokens [B, W], valid [B, W]) -> logits [B, W, V]   append each row's valid tokens (valid None: all of them,
+                                                            as the host knows)
     commit(keep [B])                                        of the tokens fed since the last commit, row b keeps
                                                             its first keep[b]; the rest are rolled back
                                                             (HoleyState: or keep [B, W] bool, the fed slots that stay)
@@ -30,6 +31,8 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
+
+from cmsd.syncs import HostReads, Read
 
 
 class BufferedLayer(DynamicLayer):
@@ -127,9 +130,16 @@ def _crop_to(cache: DynamicCache | EncoderDecoderCache, length: int) -> None:
 class HoleyState:
     """Decoder-only model + cache whose slots may hold holes. Slot s of row b is a token iff mask[b, s]."""
 
+    maskless = True  # given no mask, transformers attends without one, reading nothing (see chain_mask)
+
     def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int,
-                 features: bool = False) -> None:
+                 features: bool = False, reads: HostReads | None = None) -> None:
         self.model = model
+        # the decode's HostReads: the slots a commit leaves in use travel with its verdict, and are dropped before the
+        # next feed; a state on its own (a test, a cost measurement) reads them and drops them at the commit
+        self.reads, self.lazy = reads or HostReads(), reads is not None
+        self.span: Read | None = None  # the first used slot and the end of the used slots after the last commit
+        self.solid = False  # known on the host: no slot of any row is a hole (then no attention mask, as transformers)
         self.cache = buffered_cache(model, capacity)
         self.tap = features  # keep the features the LM head reads (a feature-head drafter drafts from them)
         self.features: torch.Tensor | None = None  # [B, W, H] of the last feed, when tapped
@@ -147,6 +157,7 @@ class HoleyState:
         finished row's place to the next document). Each prompt is prefilled alone (no work on padding) and its
         cache placed in the row's last slots, left-padded; the row's old slots become holes."""
         assert not self.fresh.shape[1], "refill between iterations (after a commit)"
+        self._settle()
         width = max((len(p) for p in prompts), default=0)
         if width > self.mask.shape[1]:  # a prompt longer than the cache: open holes in front of every row
             self._shift(self.mask.shape[1] - width)
@@ -178,40 +189,79 @@ class HoleyState:
         self.fresh = self.mask[:, :0].bool()
 
     def _trim(self) -> None:
-        """Drop the slots no row uses any more: at the end (rolled-back drafts), and in front once they are a quarter
-        of the cache (the prompts of rows that finished; moving the cache costs about one attention pass)."""
-        used = self.mask.any(0).nonzero()
-        first, last = used[[0, -1], 0].tolist() if used.numel() else (0, -1)  # one host sync
-        end = last + 1
+        """Drop the slots no row uses any more, now (between documents: a host sync of its own)."""
+        self._ask_span()
+        self._settle()
+
+    def _ask_span(self) -> None:
+        """Ask for the first used slot, the end of the used slots and whether a hole stays between the slots _settle
+        keeps (read with the iteration's verdict)."""
+        used = self.mask.any(0)  # [slots]
+        if not len(used):
+            self.span, self.solid = None, True
+            return
+        at = torch.arange(len(used), device=used.device)
+        first = (used.long().cumsum(0) == 0).sum()  # the slots before the first used one
+        end = torch.where(used, at + 1, 0).amax()
+        start = torch.where((first > 0) & (4 * first >= end), first, 0)  # as _settle
+        holes = ((self.mask == 0).any(0) & (at >= start) & (at < end)).any()
+        self.span = self.reads.ask(torch.stack([first, end, holes.long()]))
+
+    def _settle(self) -> None:
+        """Before the slots change again: drop the slots no row used after the last commit, at the end (rolled-back
+        drafts), and in front once they are a quarter of the cache (the prompts of rows that finished; moving the
+        cache costs about one attention pass)."""
+        if self.span is None:
+            return
+        first, end, holes = self.span.value
+        self.span, self.solid = None, not holes
         self.mask = self.mask[:, :end]
         _crop_to(self.cache, end)
-        if first and 4 * first >= end:
+        if end and first and 4 * first >= end:
             self._shift(first)
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None, parents: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """tokens, valid: [B, W]; parents: [B, W] for a tree of tokens, the index of each token's parent among
         the tree's tokens fed since the last commit (those of earlier tree feeds first, then these; -1: none, it
         follows the row's cache; parents come before their children), so a tree may grow over several feeds; None:
-        a chain. Returns the logits [B, W, V] (rows of invalid slots are garbage)."""
-        positions, mask = self.slots(valid, parents)
+        a chain. valid None: every token is valid, as the host knows. Returns the logits [B, W, V] (rows of invalid
+        slots are garbage)."""
+        positions, mask = self.slots(*whole(tokens, valid), parents)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=True, output_hidden_states=self.tap)
         if self.tap:
             self.features = out.hidden_states[-1]  # what the LM head read: the last layer's, after the final norm
         return out.logits
 
-    def slots(self, valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Open W slots for a feed (see feed); returns the positions [B, W] and the attention mask."""
+    def slots(self, valid: torch.Tensor, known: bool, parents: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Open W slots for a feed (see feed; known: every token is valid, as the host knows); returns the positions
+        [B, W] and the attention mask."""
         if parents is None:
             assert self.tree is None, "a chain feed after a tree feed, before a commit"
-            return self.append_slots(valid), self.mask
+            positions = self.append_slots(valid, known)
+            return positions, self.chain_mask(valid.shape[1])
         return self._tree_slots(valid, parents)
+
+    def chain_mask(self, width: int) -> torch.Tensor | None:
+        """The additive attention mask [B, 1, W, slots] of the last W slots fed as a chain: each sees its row's
+        tokens up to its own slot; made here in 4D, since from a 2D mask transformers reads whether it has holes before
+        a 1-token pass (a host sync). None where transformers would use none (a 1-token pass, or a first one, over
+        slots the host knows hold no hole), so that its kernels, and the numbers, are the same."""
+        slots = self.mask.shape[1]
+        if self.solid and self.maskless and (width == 1 or width == slots):
+            return None
+        at = torch.arange(slots, device=self.mask.device)
+        causal = at <= slots - width + at[:width, None]  # [W, slots]
+        return self._additive((self.mask.bool()[:, None, :] & causal)[:, None])
 
     def _tree_slots(self, valid: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Open W slots for a tree of tokens. Returns their positions [B, W] (the row's position before the tree
         plus the depth) and the additive attention mask [B, 1, W, slots]: the row's slots before the tree and the
         token's ancestors, itself included."""
+        self._settle()
         before = self.tree if self.tree is not None else parents[:, :0]  # [B, T] the tree's earlier tokens
         self.tree = torch.cat([before, parents], 1)
         tree = ancestors(self.tree)[:, before.shape[1]:]  # [B, W, T + W]
@@ -219,12 +269,19 @@ class HoleyState:
         start = self.pos - self.fresh[:, self.fresh.shape[1] - before.shape[1]:].sum(1)
         self.append_slots(valid)
         allowed = torch.cat([cached[:, None, :].expand(-1, tree.shape[1], -1), tree], 2)[:, None]
+        return start[:, None] + tree.sum(-1) - 1, self._additive(allowed)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """allowed: [B, 1, W, slots] bool -> the additive attention mask (0 where allowed)."""
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return start[:, None] + tree.sum(-1) - 1, mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def append_slots(self, valid: torch.Tensor) -> torch.Tensor:
-        """Open W slots (valid: [B, W]); returns the positions [B, W] of their tokens."""
+    def append_slots(self, valid: torch.Tensor, known: bool = False) -> torch.Tensor:
+        """Open W slots (valid: [B, W]; known: all of them valid, as the host knows); returns the positions [B, W]
+        of their tokens."""
+        self._settle()
+        self.solid = self.solid and known
         rank = valid.long().cumsum(1)  # [B, W] 1-based rank of each valid token in its row
         positions = (self.pos[:, None] + rank - 1).clamp(min=0)
         self.mask = torch.cat([self.mask, valid.long()], dim=1)
@@ -241,11 +298,14 @@ class HoleyState:
         start = self.mask.shape[1] - fresh.shape[1]
         self.mask[:, start:] = kept.long()
         self.pos = self.pos - (fresh.sum(1) - kept.sum(1))
-        self.fresh, self.tree = fresh[:, :0], None
-        self._trim()
+        self.fresh, self.tree, self.solid = fresh[:, :0], None, False
+        self._ask_span()  # the slots no row uses are dropped (lazy: before the next feed, with no sync of their own)
+        if not self.lazy:
+            self._settle()
 
     @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:
+        self._settle()
         self.cache.batch_select_indices(rows)
         self.mask, self.pos, self.fresh = self.mask[rows], self.pos[rows], self.fresh[rows]
         self.tree = self.tree[rows] if self.tree is not None else None
@@ -260,12 +320,15 @@ class EncoderHoleyState(HoleyState):
     on the table looks up each row's own positions instead; the decoder starts empty (its first token is the
     start token) and each row's encoder output is its own, so a row can start over at any time."""
 
-    def __init__(self, model: PreTrainedModel, sources: list[list[int]], capacity: int) -> None:
+    maskless = False  # given no mask, the decoder makes one of ones and reads it (a sync); a 4D one: the same numbers
+
+    def __init__(self, model: PreTrainedModel, sources: list[list[int]], capacity: int,
+                 reads: HostReads | None = None) -> None:
         device = model.device
         self.encoded = torch.zeros(len(sources), 1, model.config.d_model, device=device, dtype=model.dtype)  # [B, S, H]
         self.enc_mask = torch.zeros(len(sources), 1, dtype=torch.long, device=device)  # [B, S]
         self.table = position_table(model)
-        super().__init__(model, sources, capacity)
+        super().__init__(model, sources, capacity, reads=reads)
 
     @torch.inference_mode()
     def refill(self, rows: list[int], sources: list[list[int]]) -> None:
@@ -285,13 +348,16 @@ class EncoderHoleyState(HoleyState):
         self.cross = DynamicCache()  # cross-attention keys and values: computed again at the next feed
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
-        positions, mask = self.slots(valid, parents)
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None, parents: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        positions, mask = self.slots(*whole(tokens, valid), parents)
         table, offset = self.table, getattr(self.table, "offset", 0)
         table.forward = lambda *args, **kwargs: torch.nn.functional.embedding(positions + offset, table.weight)
+        # the source mask in 4D too: from a 2D one transformers reads whether it has padding (a host sync)
+        source = self._additive(self.enc_mask.bool()[:, None, None, :].expand(-1, 1, tokens.shape[1], -1))
         try:  # the table's own forward would look up slot indices, holes included (and past its end)
             return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
-                              attention_mask=self.enc_mask, decoder_input_ids=tokens, decoder_attention_mask=mask,
+                              attention_mask=source, decoder_input_ids=tokens, decoder_attention_mask=mask,
                               past_key_values=EncoderDecoderCache(self.cache, self.cross), use_cache=True).logits
         finally:
             del table.forward
@@ -337,7 +403,8 @@ class SyncState:
         self.length = 0  # T: the committed length shared by all rows
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        valid, _ = whole(tokens, valid)
         new = [row[ok].tolist() for row, ok in zip(tokens, valid)]
         starts = [len(seq) for seq in self.seqs]
         for seq, add in zip(self.seqs, new):
@@ -376,12 +443,18 @@ class SyncState:
         self.fresh = [self.fresh[r] for r in keep]
 
 
+def whole(tokens: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """A feed's valid [B, W], and whether the host knows every token is valid (valid None)."""
+    return (torch.ones_like(tokens, dtype=torch.bool), True) if valid is None else (valid, False)
+
+
 def ancestors(parents: torch.Tensor) -> torch.Tensor:
     """parents: [B, W] the index of each node's parent (-1: a root; parents come before their children).
     Returns [B, W, W] bool: [b, i, j] says node j is node i or one of its ancestors."""
     batch, width = parents.shape
     rows = torch.arange(batch, device=parents.device)
-    assert bool((parents < torch.arange(width, device=parents.device)).all()), "a parent comes before its children"
+    torch._assert_async((parents < torch.arange(width, device=parents.device)).all(),
+                        "a parent comes before its children")  # checked on the device: no host sync
     tree = torch.eye(width, dtype=torch.bool, device=parents.device).repeat(batch, 1, 1)
     for node in range(width):
         parent = parents[:, node]
@@ -389,14 +462,16 @@ def ancestors(parents: torch.Tensor) -> torch.Tensor:
     return tree
 
 
-def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int, features: bool = False
-               ) -> tuple[HoleyState | SyncState, torch.Tensor]:
+def open_state(model: PreTrainedModel, prompts: list[list[int]], capacity: int, features: bool = False,
+               reads: HostReads | None = None) -> tuple[HoleyState | SyncState, torch.Tensor]:
     """Prefill a model on a batch of prompts. Returns the state and, per row, the first token to feed
-    (first_tokens). With `features` (decoder-only) the state keeps what its LM head reads (HoleyState.tap)."""
+    (first_tokens). With `features` (decoder-only) the state keeps what its LM head reads (HoleyState.tap); `reads`:
+    the decode's HostReads (HoleyState)."""
     if model.config.is_encoder_decoder:
-        kind = EncoderHoleyState if refillable(model) else SyncState
-        return kind(model, prompts, capacity), first_tokens(model, prompts)
-    return HoleyState(model, [p[:-1] for p in prompts], capacity, features), first_tokens(model, prompts)
+        if refillable(model):
+            return EncoderHoleyState(model, prompts, capacity, reads), first_tokens(model, prompts)
+        return SyncState(model, prompts, capacity), first_tokens(model, prompts)
+    return HoleyState(model, [p[:-1] for p in prompts], capacity, features, reads), first_tokens(model, prompts)
 
 
 def refillable(model: PreTrainedModel) -> bool:

@@ -151,17 +151,21 @@ def predict_ar(costs: dict[tuple[int, int], float], sample: Sample, batches: lis
 
 def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, drafter: str | None,
             verify_tokens: int, k_max: int, batches: list[int], kv_row_mb: float, lossless: bool,
-            new: float | None = None) -> list[Candidate]:
+            new: float | None = None, drafter_s: float | None = None) -> list[Candidate]:
     """A speculative arm's candidates (the method with one drafter) from the measured pass costs and its sample
     decode (the module's docstring, step 3); none where the sample did not draft. new: a document's new tokens
-    (default: the sample's; an arm measured on a shorter decode is predicted for the documents' whole length)."""
-    if sample.spec_s is None or not sample.iterations:
+    (default: the sample's; an arm measured on a shorter decode is predicted for the documents' whole length);
+    drafter_s: the drafter's cost per row and pass (default: fitted to the sample's decode, whose batch-1
+    candidate is then measured; cmsd.projection gives it in the costs instead)."""
+    fitted = drafter_s is None
+    if not sample.iterations or (fitted and sample.spec_s is None):
         return []
     prefill = sample.prefill_s / sample.docs
     new = sample.new_tokens / sample.docs if new is None else new
     fed = 1 + sample.drafted / sample.iterations  # tokens a row fed a pass at batch 1
-    drafter_s = max(0.0, sample.spec_s - sample.docs * prefill - sample.iterations * cost(costs, 1, fed)
-                    ) / sample.iterations
+    if fitted:
+        drafter_s = max(0.0, sample.spec_s - sample.docs * prefill - sample.iterations * cost(costs, 1, fed)
+                        ) / sample.iterations
     runs = list(sample.runs) + [0] * (sample.iterations - len(sample.runs))
     out = []
     for b in batches:
@@ -174,20 +178,25 @@ def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, dr
         out.append(Candidate(method, drafter, b, b * new / (b * prefill + new / gained * pass_s),
                              b * prefill + new / gained * pass_s, gained,
                              sum(min(a, share) for a in runs) / max(1.0, len(runs) * (t - 1)),
-                             1.0 if lossless and sample.identical else sample.agreement, b * kv_row_mb, b == 1,
-                             share))
+                             1.0 if lossless and sample.identical else sample.agreement, b * kv_row_mb,
+                             fitted and b == 1, share))
     return out
 
 
 def cost(costs: dict[tuple[int, int], float], rows: int, tokens: float) -> float:
     """A pass's seconds at `rows` rows of `tokens` tokens: measured, or interpolated between measured token counts."""
-    points = sorted(t for r, t in costs if r == rows)
-    below = max((t for t in points if t <= tokens), default=points[0])
-    above = min((t for t in points if t >= tokens), default=points[-1])
+    return sum(w * costs[rows, t] for t, w in between({t for r, t in costs if r == rows}, tokens))
+
+
+def between(points, x: float) -> list[tuple[Any, float]]:
+    """The grid points on either side of x and their weights for a linear interpolation (the nearest end's alone
+    beyond the grid)."""
+    below = max((p for p in points if p <= x), default=min(points))
+    above = min((p for p in points if p >= x), default=max(points))
     if above == below:
-        return costs[rows, below]
-    w = (tokens - below) / (above - below)
-    return (1 - w) * costs[rows, below] + w * costs[rows, above]
+        return [(below, 1.0)]
+    w = (x - below) / (above - below)
+    return [(below, 1 - w), (above, w)]
 
 
 def shapes(batches: list[int], verify_tokens: int, k_max: int, drafts: bool) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ class ShardWorker:
 
         torch.set_num_threads(config.threads)
         self._pair = load_pair(target=config.target, drafter=config.drafter, device=config.device,
-                               dtype=config.dtype)
+                               dtype=config.dtype, load_format=config.load_format)
         self._decoder = Decoder(self._pair, config.decode)
         self._decoder.prepare()  # its one-time cost measurement: part of loading, never of a shard's decode time
         if config.tune and self._pair.target.is_encoder_decoder:  # its pass costs are a decoder-only state's

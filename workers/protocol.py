@@ -31,6 +31,7 @@ class WorkerConfig:
     prompt: PromptTemplate  # renders a shard row (source, src_lang, tgt_lang) into the prompt
     device: str = "auto"
     dtype: str = "auto"
+    load_format: str = "auto"  # dummy: random weights of the models' shapes (cmsd.models)
     threads: int = 1  # torch intra-op threads (the actor's CPU share)
     tune: TuneConfig | None = None  # None: decode exactly as `decode` says
 

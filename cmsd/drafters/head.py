@@ -35,8 +35,9 @@ from cmsd.confidence import confidence
 from cmsd.drafters.base import Draft, DraftBuffer, Drafter, Keep, Sampler, worth_drafting
 from cmsd.drafters.model import DraftVocabHead
 from cmsd.identity import ModelError, fingerprint, target_shape
-from cmsd.kv import HoleyState
+from cmsd.kv import HoleyState, whole
 from cmsd.settings import ConfidenceSettings, HeadSettings
+from cmsd.syncs import HostReads, to_device
 
 HEAD_DRAFTER = "head"  # the drafter name of the head shipped for the target; a head directory loads as well
 HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
@@ -208,11 +209,12 @@ class HeadPrompt:
 class HeadState(HoleyState):
     """The head's own KV cache: a HoleyState over its layers, fed features and tokens (not token ids)."""
 
-    def __init__(self, head: FeatureHead, prompts: list[HeadPrompt], capacity: int) -> None:
+    def __init__(self, head: FeatureHead, prompts: list[HeadPrompt], capacity: int,
+                 reads: HostReads | None = None) -> None:
         self.head = head
         self.last = torch.zeros(len(prompts), head.fc.out_features, device=head.fc.weight.device,
                                 dtype=head.fc.weight.dtype)  # [B, H] the head's output at each row's last entry
-        super().__init__(head.body, prompts, capacity)
+        super().__init__(head.body, prompts, capacity, reads=reads)
 
     def _prefill(self, row: int, prompt: HeadPrompt, cache: DynamicCache) -> None:
         g = self.head.run(prompt.features[None], prompt.tokens[None], past_key_values=cache, use_cache=True)
@@ -223,7 +225,7 @@ class HeadState(HoleyState):
              features: torch.Tensor, parents: torch.Tensor | None = None) -> torch.Tensor:
         """features [B, W, H], tokens, valid [B, W] (parents: a tree, as HoleyState.feed) -> the head's output
         features g [B, W, H]."""
-        positions, mask = self.slots(valid, parents)
+        positions, mask = self.slots(*whole(tokens, valid), parents)
         return self.head.run(features, tokens, attention_mask=mask, position_ids=positions,
                              past_key_values=self.cache, use_cache=True)
 
@@ -240,18 +242,23 @@ class HeadDrafter(Drafter):
     pass once none is left); the tree is the min(tree.tree_tokens, k[b]) likeliest of all the candidates, and with
     `costs` (a pass over 1, 2, ... tokens in 1-token steps) a single row's tree is cut to the size that maximizes
     the expected tokens per cost (cmsd.drafters.base.worth_drafting). The controller's keep gate and k_j do not bound a
-    tree."""
+    tree. A tree costs a host sync of its own: its size, to cut the verify pass to it (and with tree.tree_min_p, one
+    per deeper pass: whether any path is still likely)."""
 
     def __init__(self, head: FeatureHead, target: HoleyState, prompts: list[list[int]], capacity: int,
                  conf: ConfidenceSettings, sampler: Sampler, tree: HeadSettings | None = None,
-                 costs: tuple[float, ...] | None = None) -> None:
+                 costs: tuple[float, ...] | None = None, reads: HostReads | None = None) -> None:
         assert target.tap, "the target state must keep its features"
         self.head, self.target, self.conf_settings, self.sampler = head, target, conf, sampler
         self.tree, self.costs = tree, costs
         device = target.mask.device
-        self.state = HeadState(head, [self._prompt(r, p) for r, p in enumerate(prompts)], capacity)
+        self.vocab = head.vocab.to(device)  # the draft vocabulary's ids
+        self.curve = to_device(torch.tensor(costs), device) if costs else None  # costs, for worth_drafting
+        self.state = HeadState(head, [self._prompt(r, p) for r, p in enumerate(prompts)], capacity, reads)
         batch, hidden = len(prompts), head.fc.out_features
         self.ready = torch.tensor([len(p) > 1 for p in prompts], device=device)  # [B] state.last is a real output
+        # on the host, which rows can draft: state.last is a real output (ready), or target features wait (waiting)
+        self.ready_host, self.waiting = [len(p) > 1 for p in prompts], [False] * batch
         # target features and tokens accepted since the head last ran (it catches up when it next drafts)
         self.pending = torch.zeros(batch, 0, hidden, device=device, dtype=self.state.last.dtype)  # [B, P, H]
         self.pending_tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -268,11 +275,11 @@ class HeadDrafter(Drafter):
         return HeadPrompt(features, torch.tensor(prompt[1:len(features) + 1], device=self.target.mask.device))
 
     @torch.inference_mode()
-    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+    def propose(self, k: torch.Tensor, k_host: list[int], keep: Keep | None) -> Draft:
         batch, device = len(k), self.pending.device
         k = k.to(device)
         active = (k > 0) & (self.ready | self.pending_ok.any(1))
-        width = int(k[active].max()) if bool(active.any()) else 0
+        width = max((n for n, r, w in zip(k_host, self.ready_host, self.waiting) if r or w), default=0)
         self.caught_up.zero_()
         if width == 0:
             self.tokens = self.pending_tokens[:, :0]
@@ -284,6 +291,7 @@ class HeadDrafter(Drafter):
             self.state.last = torch.where(fed[:, None], g[torch.arange(batch, device=device), last], self.state.last)
             self.caught_up = self.pending_ok.sum(1)
             self.ready |= fed
+            self.ready_host = [r or w for r, w in zip(self.ready_host, self.waiting)]
             self._clear_pending()
         if self.tree:
             return self._grow(k, active, width)
@@ -300,7 +308,7 @@ class HeadDrafter(Drafter):
 
     def _grow(self, k: torch.Tensor, active: torch.Tensor, width: int) -> Draft:
         """A tree draft (see the class): [B, M] candidates over the draft vocabulary, then the likeliest ones."""
-        settings, vocab = self.tree, self.head.vocab.to(k.device)
+        settings, vocab = self.tree, self.vocab
         branches, depth = settings.branches, min(settings.depth, width)
         g = self.state.last[:, None]  # [B, F, H] what the frontier's candidates are drafted from
         score = torch.zeros_like(g[..., 0])  # [B, F] log product of q along each frontier path
@@ -328,7 +336,7 @@ class HeadDrafter(Drafter):
         take = min(count, settings.tree_tokens, width)
         size = torch.minimum(k.clamp(max=take), (scores > -torch.inf).sum(1)) * active  # [B] nodes per row
         if self.costs and len(k) == 1:  # a single row: cut where a node costs more than it gives
-            size = torch.minimum(size, worth_drafting(scores.exp(), self.costs))
+            size = torch.minimum(size, worth_drafting(scores.exp(), self.curve))
         ranked = scores.topk(take, 1).indices  # [B, take] the likeliest nodes, then in tree order (parents first)
         order = torch.where(torch.arange(take, device=k.device) < size[:, None], ranked, ranked + count).sort(1).values
         chosen, order = order < count, order % count
@@ -358,19 +366,25 @@ class HeadDrafter(Drafter):
         self.pending = torch.cat([self.pending, features.to(self.pending.dtype)], 1)
         self.pending_tokens = torch.cat([self.pending_tokens, tokens], 1)
         self.pending_ok = torch.cat([self.pending_ok, ok], 1)
+        self.waiting = [True] * len(self.waiting)  # (ok[:, 0]: the token after the accepted drafts)
 
     def _clear_pending(self) -> None:
         self.pending, self.pending_tokens = self.pending[:, :0], self.pending_tokens[:, :0]
         self.pending_ok = self.pending_ok[:, :0]
+        self.waiting = [False] * len(self.waiting)
 
     def select(self, rows: torch.Tensor) -> None:
         self.state.select(rows)
         self.pending, self.pending_tokens, self.pending_ok = self.pending[rows], self.pending_tokens[rows], \
             self.pending_ok[rows]
         self.ready, self.caught_up, self.tokens = self.ready[rows], self.caught_up[rows], self.tokens[rows]
+        keep = rows.tolist()
+        self.ready_host, self.waiting = [self.ready_host[r] for r in keep], [self.waiting[r] for r in keep]
 
     def refill(self, rows: list[int], prompts: list[list[int]]) -> None:
         self.state.refill(rows, [self._prompt(r, p) for r, p in zip(rows, prompts)])
         index = torch.tensor(rows, device=self.pending.device)
         self.pending_ok[index] = False
         self.ready[index] = torch.tensor([len(p) > 1 for p in prompts], device=self.pending.device)
+        for row, prompt in zip(rows, prompts):
+            self.ready_host[row], self.waiting[row] = len(prompt) > 1, False

@@ -15,6 +15,7 @@ from cmsd.drafters.base import Draft, DraftBuffer, Drafter, Keep, Sampler
 from cmsd.kernels import linear
 from cmsd.kv import open_state, refill_state
 from cmsd.settings import ConfidenceSettings
+from cmsd.syncs import HostReads, Read
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
@@ -23,19 +24,21 @@ class ModelDrafter(Drafter):
     """A separate (small) Hugging Face model sharing the target's tokenizer, with its own KV cache."""
 
     def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, conf: ConfidenceSettings,
-                 sampler: Sampler) -> None:
-        self.state, first = open_state(model, prompts, capacity)
+                 sampler: Sampler, reads: HostReads | None = None) -> None:
+        self.state, first = open_state(model, prompts, capacity, reads=reads)
         self.conf_settings, self.sampler = conf, sampler
         device = model.device
         self.pending = first[:, None]  # [B, P] tokens not yet in the drafter's cache
         self.pending_ok = torch.ones_like(self.pending, dtype=torch.bool)
+        self.reads = reads or HostReads()
+        self.whole: bool | Read = True  # pending_ok is all True, as the host knows (then its feed is known whole)
         self.fed_drafts = torch.zeros(len(first), dtype=torch.long, device=device)  # drafts fed to the cache
         self.tokens = self.pending[:, :0]
         self.fed = False
 
     @torch.inference_mode()
-    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
-        batch, width = len(k), int(k.max()) if len(k) else 0
+    def propose(self, k: torch.Tensor, k_host: list[int], keep: Keep | None) -> Draft:
+        batch, width = len(k), max(k_host, default=0)
         device = self.pending.device
         self.fed = width > 0
         if width == 0:
@@ -44,16 +47,18 @@ class ModelDrafter(Drafter):
         k = k.to(device)
         buf = DraftBuffer(batch, width, device, keep_q=self.sampler.temperature > 0)
         tokens, valid = self.pending, self.pending_ok
+        whole = self._whole()
         active = k > 0
         self.fed_drafts.zero_()
         for j in range(width):
-            logits = self.state.feed(tokens, valid)  # [B, W, V]
+            logits = self.state.feed(tokens, None if whole else valid)  # [B, W, V]
             last = (valid.long() * torch.arange(valid.shape[1], device=device)).argmax(1)
             z = logits[torch.arange(batch, device=device), last]  # [B, V] logits after each row's last token
             x, active, done = buf.take(j, z, active, k, keep, self.conf_settings, self.sampler)
             if done:
                 break
             tokens, valid = x[:, None], active[:, None]
+            whole = keep is None and min(k_host) > j + 1  # every row drafts on
             self.fed_drafts += active.long()
         self.tokens = buf.tokens
         return buf.draft()
@@ -69,6 +74,7 @@ class ModelDrafter(Drafter):
         last = self.tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
         self.pending = torch.stack([torch.where(unfed, last, next_token), next_token], 1)
         self.pending_ok = torch.stack([torch.ones_like(unfed), unfed], 1)
+        self.whole = self.reads.ask(unfed.all())  # read with the verdict
 
     def select(self, rows: torch.Tensor) -> None:
         self.state.select(rows)
@@ -80,6 +86,12 @@ class ModelDrafter(Drafter):
         index = torch.tensor(rows, device=self.pending.device)
         self.pending[index, 0], self.pending_ok[index] = first, False
         self.pending_ok[index, 0] = True
+        self.whole = self._whole() and self.pending_ok.shape[1] == 1
+
+    def _whole(self) -> bool:
+        if isinstance(self.whole, Read):
+            self.whole = bool(self.whole.value)
+        return self.whole
 
 
 class DraftVocabHead(torch.nn.Module):

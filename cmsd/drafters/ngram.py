@@ -16,6 +16,7 @@ import torch
 from cmsd.confidence import confidence
 from cmsd.drafters.base import Draft, DraftBuffer, Drafter, Keep, Sampler, worth_drafting
 from cmsd.settings import ConfidenceSettings, NgramSettings
+from cmsd.syncs import HostReads, to_device
 
 
 class SuffixIndex:
@@ -69,21 +70,24 @@ def continuation_counts(seq: Sequence[int], settings: NgramSettings) -> tuple[np
 
 
 class NgramDrafter(Drafter):
-    """Prompt lookup: continuation counts of the longest suffix that occurred before form q (no model)."""
+    """Prompt lookup: continuation counts of the longest suffix that occurred before form q (no model). It drafts on
+    the host, from host copies of the verdicts (read with the decoder's, `reads`), and uploads its draft without a
+    sync; a controller's gate costs a sync per drafted token (the gate's state is on the device)."""
 
     def __init__(self, contexts: list[list[int]], vocab_size: int, settings: NgramSettings,
-                 conf: ConfidenceSettings, sampler: Sampler, device: torch.device) -> None:
+                 conf: ConfidenceSettings, sampler: Sampler, device: torch.device,
+                 reads: HostReads | None = None) -> None:
         self.indexes = [SuffixIndex(c, settings) for c in contexts]
         self.vocab_size, self.settings, self.conf_settings = vocab_size, settings, conf
         self.sampler, self.device = sampler, device
+        self.reads = reads or HostReads()
         self.drafts: list[list[int]] = [[] for _ in contexts]
 
-    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
-        ks = k.tolist()
-        batch, width = len(ks), max(ks, default=0)
-        buf = DraftBuffer(batch, width, self.device, keep_q=self.sampler.temperature > 0)
+    def propose(self, k: torch.Tensor, k_host: list[int], keep: Keep | None) -> Draft:
+        batch, width = len(k_host), max(k_host, default=0)
+        buf = DraftBuffer(batch, width, None, keep_q=self.sampler.temperature > 0)  # on the host
         self.drafts = [[] for _ in range(batch)]
-        active = [n > 0 for n in ks]
+        active = [n > 0 for n in k_host]
         for j in range(width):  # one column at a time, so the controller sees every row's candidate together
             logits = torch.full((batch, self.vocab_size), -1e4)  # rows without a candidate: no confidence
             for row in (r for r in range(batch) if active[r]):
@@ -93,16 +97,19 @@ class NgramDrafter(Drafter):
                 else:
                     logits[row] = self._log_q(*found)
             c = confidence(logits, self.conf_settings)
-            ok = torch.tensor(active) & keep(c[:, 3])
+            ok = torch.tensor(active)
+            if keep:
+                ok &= keep(to_device(c[:, 3], self.device)).cpu()
             x = self.sampler.pick(logits)  # the most frequent continuation (greedy) or a sample of q
-            for row in ok.nonzero().squeeze(1).tolist():
-                self.drafts[row].append(int(x[row]))
-            buf.put(j, ok.to(self.device), x.to(self.device), c.to(self.device),
-                    self.sampler.probs(logits).to(self.device) if buf.keep_q else logits)
-            active = [a and bool(o) and j + 1 < n for a, o, n in zip(active, ok.tolist(), ks)]
+            oks, xs = ok.tolist(), x.tolist()
+            for row in (r for r in range(batch) if oks[r]):
+                self.drafts[row].append(xs[row])
+            buf.put(j, ok, x, c, self.sampler.probs(logits) if buf.keep_q else logits)
+            buf.width = j + 1 if any(oks) else buf.width
+            active = [a and o and j + 1 < n for a, o, n in zip(active, oks, k_host)]
             if not any(active):
                 break
-        return buf.draft()
+        return buf.draft(self.device)
 
     def _log_q(self, tokens: np.ndarray, counts: np.ndarray, n: int) -> torch.Tensor:
         """log q over the vocabulary: the continuation counts, trusted with weight n / (n + kappa) after an
@@ -113,9 +120,9 @@ class NgramDrafter(Drafter):
         return q.log()
 
     def commit(self, accepted: torch.Tensor, next_token: torch.Tensor, path: torch.Tensor | None = None) -> None:
-        orders = path.tolist() if path is not None else [range(len(d)) for d in self.drafts]
-        for index, draft, order, a, t in zip(self.indexes, self.drafts, orders, accepted.tolist(),
-                                             next_token.tolist()):
+        counts, tokens = self.reads.ask(accepted), self.reads.ask(next_token)  # in the transfer of the decoder's
+        orders = self.reads.ask(path).value if path is not None else [range(len(d)) for d in self.drafts]
+        for index, draft, order, a, t in zip(self.indexes, self.drafts, orders, counts.value, tokens.value):
             index.extend([draft[j] for j in order[:a]] + [t])
 
     def select(self, rows: torch.Tensor) -> None:
@@ -141,9 +148,9 @@ class NgramTreeDrafter(NgramDrafter):
         super().__init__(*args, **kwargs)
         self.costs = costs
 
-    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
+    def propose(self, k: torch.Tensor, k_host: list[int], keep: Keep | None) -> Draft:
         costs = self.costs if len(self.indexes) == 1 else None  # at batch > 1 a row's tokens share the pass
-        trees = [self._tree(index, depth, costs) for index, depth in zip(self.indexes, k.tolist())]
+        trees = [self._tree(index, depth, costs) for index, depth in zip(self.indexes, k_host)]
         batch, width = len(trees), max((len(tokens) for _, tokens, _ in trees), default=0)
         tokens = torch.zeros(batch, width, dtype=torch.long)
         parents = torch.full((batch, width), -1, dtype=torch.long)
@@ -154,8 +161,7 @@ class NgramTreeDrafter(NgramDrafter):
                 conf[row, :len(nodes)] = confidence(logq, self.conf_settings)
         self.drafts = [nodes for _, nodes, _ in trees]
         lengths = torch.tensor([len(nodes) for nodes in self.drafts], dtype=torch.long)
-        return Draft(tokens.to(self.device), lengths.to(self.device), conf.to(self.device),
-                     parents=parents.to(self.device))
+        return Draft(tokens, lengths, conf, parents=parents).to(self.device)
 
     def _tree(self, index: SuffixIndex, depth: int, costs: tuple[float, ...] | None
               ) -> tuple[list[int], list[int], torch.Tensor | None]:
@@ -184,7 +190,8 @@ class NgramTreeDrafter(NgramDrafter):
             if len(nodes) < size:
                 grow(len(nodes) - 1, -score, path + [token])
         if costs:  # best first, so every prefix is a tree
-            nodes = nodes[:int(worth_drafting(torch.tensor([scores], dtype=torch.float64), costs))]
+            curve = torch.tensor(costs, dtype=torch.float64)
+            nodes = nodes[:int(worth_drafting(torch.tensor([scores], dtype=torch.float64), curve))]
         if not nodes:
             return [], [], None
         parents, tokens, dists = (list(column) for column in zip(*nodes))

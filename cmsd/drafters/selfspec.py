@@ -24,8 +24,9 @@ from transformers.masking_utils import create_causal_mask
 
 from cmsd.confidence import confidence
 from cmsd.drafters.base import Draft, DraftBuffer, Drafter, Keep, Sampler
-from cmsd.kv import HoleyState, first_tokens
+from cmsd.kv import HoleyState, first_tokens, whole
 from cmsd.settings import ConfidenceSettings
+from cmsd.syncs import HostReads
 
 log = logging.getLogger(__name__)
 CALIBRATION_FILE = "specbound.json"
@@ -43,31 +44,34 @@ class LayeredState(HoleyState):
     """A HoleyState whose model runs in two parts over one cache: the exit, layers [0, L), token by token while
     drafting, and the rest, layers [L, N), once per iteration over every slot the exit has filled since."""
 
-    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, exit_layer: int) -> None:
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, exit_layer: int,
+                 reads: HostReads | None = None) -> None:
         check_self_draftable(model)
         if not 0 < exit_layer < model.config.num_hidden_layers:
             raise ValueError(f"exit layer must be in [1, {model.config.num_hidden_layers - 1}], got {exit_layer}")
         self.exit_layer, self.body = exit_layer, model.model
         self.hidden: list[torch.Tensor] = []  # layer-L hidden states not yet through [L, N): [B, w, H] each
         self.hidden_pos: list[torch.Tensor] = []  # their positions: [B, w] each
-        super().__init__(model, prompts, capacity)
+        super().__init__(model, prompts, capacity, reads=reads)
 
     @torch.inference_mode()
-    def shallow(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Run the exit over new tokens [B, W]; returns the exit's logits [B, W, V] (before calibration)."""
-        positions = self.append_slots(valid)
+    def shallow(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Run the exit over new tokens [B, W] (valid None: all of them, as the host knows); returns the exit's logits
+        [B, W, V] (before calibration)."""
+        positions = self.append_slots(*whole(tokens, valid))
         hidden = self._layers(self.body.embed_tokens(tokens), positions, 0, self.exit_layer)
         self.hidden.append(hidden)
         self.hidden_pos.append(positions)
         return self.model.lm_head(self.body.norm(hidden))
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Verify: layers [L, N) over every slot the exit filled since the last commit; the j-th valid token of a
         row is the row's j-th valid fresh slot. Tokens not yet through the exit go through it first."""
         if not self.hidden:
             self.shallow(tokens, valid)
-        assert torch.equal(self.fresh.sum(1), valid.sum(1)), "the exit has seen other tokens than those verified"
+        torch._assert_async((self.fresh.sum(1) == whole(tokens, valid)[0].sum(1)).all(),
+                            "the exit has seen other tokens than those verified")  # on the device: no host sync
         hidden, positions = torch.cat(self.hidden, 1), torch.cat(self.hidden_pos, 1)
         self.hidden, self.hidden_pos = [], []
         hidden = self._layers(hidden, positions, self.exit_layer, len(self.body.layers))
@@ -77,7 +81,8 @@ class LayeredState(HoleyState):
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """hidden: [B, W, H] entering layer `start`, for the last W slots of the mask."""
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=self.mask,
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden,
+                                  attention_mask=self.chain_mask(hidden.shape[1]),
                                   past_key_values=self.cache, position_ids=positions, layer_idx=start)
         rotary = self.body.rotary_emb(hidden, position_ids=positions)
         for layer in self.body.layers[start:end]:
@@ -94,8 +99,8 @@ class SelfDrafter(Drafter):
         self.state, self.pending = state, first  # pending: [B] the token the exit sees first next time
         self.temperature, self.conf_settings, self.sampler = temperature, conf, sampler
 
-    def propose(self, k: torch.Tensor, keep: Keep) -> Draft:
-        batch, width, device = len(k), int(k.max()) if len(k) else 0, self.pending.device
+    def propose(self, k: torch.Tensor, k_host: list[int], keep: Keep | None) -> Draft:
+        batch, width, device = len(k), max(k_host, default=0), self.pending.device
         if width == 0:
             return Draft.empty(batch, device)
         k = k.to(device)
@@ -107,15 +112,18 @@ class SelfDrafter(Drafter):
             c = confidence(z, self.conf_settings)
             c[:, 3] = torch.softmax(z, -1).amax(-1)  # SpecBound's confidence: the calibrated exit probability
             x = self.sampler.pick(z)
-            ok = active & keep(c[:, 3])
+            ok = active & keep(c[:, 3]) if keep else active
             buf.put(j, ok, x, c, self.sampler.probs(z) if buf.keep_q else z)
             active = ok & (j + 1 < k)
-            if not bool(active.any()):
+            unseen = buf.lengths > fed  # rows whose last draft the exit has not seen, if drafting stops here
+            # one sync a drafted token (the bound stops rows by the device's numbers): does any row draft on?
+            filled, going, behind = torch.stack([ok.any(), active.any(), unseen.any()]).tolist()
+            buf.width = j + 1 if filled else buf.width
+            if not going:
                 break
             tokens, valid = x[:, None], active[:, None]
             fed += active.long()
-        unseen = buf.lengths > fed  # a row's last draft: through the exit now, so verification is one deep pass
-        if bool(unseen.any()):
+        if behind:  # a row's last draft: through the exit now, so verification is one deep pass
             last = buf.tokens.gather(1, (buf.lengths - 1).clamp(min=0)[:, None])
             self.state.shallow(last, unseen[:, None])
         return buf.draft()
@@ -223,7 +231,7 @@ class SelfSpecPlan:
         return cls(layer, temperature, predicted, fallback)
 
     def open(self, model: PreTrainedModel, prompts: list[list[int]], capacity: int, conf: ConfidenceSettings,
-             sampler: Sampler) -> tuple[LayeredState, torch.Tensor, SelfDrafter]:
-        state = LayeredState(model, [p[:-1] for p in prompts], capacity, self.exit_layer)
+             sampler: Sampler, reads: HostReads | None = None) -> tuple[LayeredState, torch.Tensor, SelfDrafter]:
+        state = LayeredState(model, [p[:-1] for p in prompts], capacity, self.exit_layer, reads)
         first = torch.tensor([p[-1] for p in prompts], device=model.device)
         return state, first, SelfDrafter(state, first, self.temperature, conf, sampler)

@@ -240,7 +240,8 @@ def actor_spawner(spec: JobSpec, job_uri: str, tune: TuneConfig | None = None) -
                         "or execution.gpus_per_actor")
     config = WorkerConfig(job_uri=job_uri, target=spec.models.target, drafter=spec.models.drafter,
                           decode=spec.decode, prompt=spec.template(), device=spec.models.device,
-                          dtype=spec.models.dtype, threads=max(1, int(cpus)), tune=tune)
+                          dtype=spec.models.dtype, load_format=spec.models.load_format, threads=max(1, int(cpus)),
+                          tune=tune)
     actor_class = ray.remote(ShardWorker)
     options = {"num_cpus": cpus, "num_gpus": gpus, "scheduling_strategy": "SPREAD",
                "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}  # progress() answers mid-shard

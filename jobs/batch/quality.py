@@ -1,7 +1,8 @@
 """Quality scores against references: sacrebleu corpus BLEU and chrF, rouge-score ROUGE-1/2/L F1 means.
 
 All on a 0-100 scale. Translation gets BLEU and chrF, summarization ROUGE, plain text all of them. Rows
-without a reference are left out of the scores (`scored_docs` says how many were scored).
+without a reference are left out of the scores (`scored_docs` says how many were scored). Outputs of dummy weights
+(random weights, models.load_format dummy) are not scored at all: their scores would be numbers of noise.
 
 The scores come from sufficient statistics that add up over shards (`QualityStats`), so that a job's scores
 need one shard's rows at a time: sacrebleu's corpus BLEU and chrF are computed from the sums of its segment
@@ -13,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+DUMMY_TITLE = "dummy weights, speed only"  # in the first line of every report made with --load-format dummy
+DUMMY_NOTE = ("Made with dummy weights (--load-format dummy): random weights of the models' shapes. The speed numbers "
+              "are the shapes' own (memory traffic and compute do not depend on the values); the outputs, acceptance "
+              "and agreement are a random model's, so a speculative method's speedup here is not the real models', "
+              "and no quality score (BLEU, chrF, ROUGE) was computed.")
 QUALITY_KEYS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "bleu_signature", "chrf_signature")
 ROUGE_NAMES = ("rouge1", "rouge2", "rougeL")
 TASK_METRICS = {"translation": ("sacrebleu",), "summarization": ("rouge",), "plain": ("sacrebleu", "rouge")}

@@ -5,10 +5,11 @@ shard is checked against its own input (its result rows and the rows its worker 
 each once; none is also in the driver's errors), shards cover disjoint corpus ranges (the manifest's start and
 stop, which every shard row lies in), and the shard's numbers are added up. Numbers follow DESIGN.md's table:
 the per-document DocStats counts are summed (per shard, per job) and the rates are computed once from the
-sums; quality scores come from summed sufficient statistics (jobs.batch.quality). agreement_with_ar and
-speedup_vs_ar come from the job's baseline documents, which the workers also decoded with AR (execution.baseline):
-AR's decode seconds over the method's on those documents (as `cmsd-jobs eval` computes it), and the matching
-token positions over all positions; null where there are none (--baseline 0, or --method ar).
+sums; quality scores come from summed sufficient statistics (jobs.batch.quality), none for dummy weights (null, with
+a note in `notes`). agreement_with_ar and speedup_vs_ar come from the job's baseline documents, which the workers
+also decoded with AR (execution.baseline): AR's decode seconds over the method's on those documents (as `cmsd-jobs
+eval` computes it), and the matching token positions over all positions; null where there are none (--baseline 0,
+or --method ar).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 from cmsd.stats import DocStats
 from jobs.errors import JobFailed
 from jobs.batch.manifest import SUMMARY, Manifest, ShardEntry, done_counts
-from jobs.batch.quality import QualityStats, quality_stats
+from jobs.batch.quality import DUMMY_NOTE, QualityStats, quality_stats
 from jobs.batch.spec import JobSpec
 from workers.records import BASELINE_COLUMNS
 from workers.store import JobStore, error_path, read_ipc, worker_error_path
@@ -69,9 +70,11 @@ def numbers(stats: DocStats, quality: QualityStats, baseline: Baseline = Baselin
     return {**stats.to_dict(), **quality.scores(), **baseline.numbers()}
 
 
-def table_stats(table: pa.Table, task: str) -> tuple[DocStats, QualityStats]:
-    """The summed counts and the quality statistics of some result rows."""
+def table_stats(table: pa.Table, task: str, scored: bool = True) -> tuple[DocStats, QualityStats]:
+    """The summed counts and the quality statistics of some result rows (none where not `scored`: dummy weights)."""
     sums = {name: pc.sum(table.column(name)).as_py() or 0 for name in COUNTS}
+    if not scored:
+        return DocStats(**sums), QualityStats()
     hyps, refs = table.column("hypothesis").to_pylist(), table.column("reference").to_pylist()
     return DocStats(**sums), quality_stats(task, hyps, refs)
 
@@ -115,7 +118,7 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
     for entry, (_, refused) in zip(manifest.shards, counts):  # type: ignore[misc]
         table = store.read_parquet(entry.result, RESULT_COLUMNS)
         check_shard(store, entry, table, refused)
-        shard_stats, shard_quality = table_stats(table, task)
+        shard_stats, shard_quality = table_stats(table, task, scored=not spec.models.dummy)
         shard_baseline = Baseline.of(table)
         stats, quality, baseline = stats + shard_stats, quality + shard_quality, baseline + shard_baseline
         per_shard.append({"shard": entry.index, "rows": table.num_rows, "refused": refused,
@@ -133,7 +136,8 @@ def reduce_job(store: JobStore, manifest: Manifest, spec: JobSpec, run: dict[str
         overall.update(speedup_vs_ar=1.0, agreement_with_ar=1.0)
     summary = {
         "job_id": manifest.job_id, "task": task, "method": spec.decode.method, "verify": spec.decode.verify,
-        "target": spec.models.target, "drafter": spec.models.drafter, "corpus": manifest.corpus,
+        "target": spec.models.target, "drafter": spec.models.drafter, "load_format": spec.models.load_format,
+        "notes": [DUMMY_NOTE] if spec.models.dummy else [], "corpus": manifest.corpus,
         "docs": sum(s["rows"] for s in per_shard),
         "errors": sum(e.errors for e in manifest.shards) + sum(s["refused"] for s in per_shard),
         "shards": len(manifest.shards), "nodes": sorted({n for s in per_shard for n in s["nodes"]}),

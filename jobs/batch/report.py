@@ -1,6 +1,7 @@
 """report.md and report.html from summary.json and the traces, with plots/*.png (matplotlib, Agg).
 
-Plots: throughput per shard; the histogram of draft lengths k_j (one count per draft-verify iteration);
+A job made with dummy weights (models.load_format dummy) says so in the first line of both, and has no quality
+scores. Plots: throughput per shard; the histogram of draft lengths k_j (one count per draft-verify iteration);
 drafter confidence C against the empirical acceptance rate, in bins of C. The traces are counted one shard at
 a time (TraceCounts), never read whole.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.batch.manifest import Manifest
+from jobs.batch.quality import DUMMY_NOTE, DUMMY_TITLE
 from workers.store import JobStore, trace_path
 
 CONF_BINS = 10
@@ -193,9 +195,19 @@ def _picture(item: str) -> str:
     return f"![{item}]({item})" if item.endswith(".png") else f"_{item}_"
 
 
+def _title(summary: dict[str, Any]) -> str:
+    """The report's first line: a job made with dummy weights says so there."""
+    return f"Job {summary['job_id']}" + (f" ({DUMMY_TITLE})" if _dummy(summary) else "")
+
+
+def _dummy(summary: dict[str, Any]) -> bool:
+    return summary.get("load_format") == "dummy"
+
+
 def render_markdown(summary: dict[str, Any], plots: list[str]) -> str:
     overall, shards = _rows(summary)
-    lines = [f"# Job {summary['job_id']}", "", _headline(summary), "", "| number | value |", "| --- | --- |"]
+    lines = [f"# {_title(summary)}", "", *([f"**{DUMMY_NOTE}**", ""] if _dummy(summary) else []), _headline(summary),
+             "", "| number | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in overall]
     if summary["overall"].get("bleu_signature"):
         lines += ["", f"sacrebleu signatures: BLEU `{summary['overall']['bleu_signature']}`, "
@@ -213,7 +225,8 @@ def render_html(summary: dict[str, Any], plots: list[str]) -> str:
     overall, shards = _rows(summary)
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in [*SHARD_COLUMNS, "nodes"])
-    body = [f"<h1>Job {esc(summary['job_id'])}</h1>", f"<p>{esc(_headline(summary))}</p>", "<table>"]
+    body = [f"<h1>{esc(_title(summary))}</h1>", *([f"<p><strong>{esc(DUMMY_NOTE)}</strong></p>"] if _dummy(summary)
+                                                  else []), f"<p>{esc(_headline(summary))}</p>", "<table>"]
     body += [f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in overall]
     body += ["</table>", "<h2>Shards</h2>", f"<table><tr>{head}</tr>"]
     body += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in shards]

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cmsd.models import LOAD_FORMATS
 from cmsd.prompts import PromptTemplate
 from cmsd.settings import OBJECTIVES, DecodeSettings
 from jobs.errors import BadInput
@@ -69,6 +70,16 @@ class ModelSpec:
     drafter: str | None = "ngram"  # "ngram", "self" (SpecBound), a directory or hub name; None = AR only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    load_format: str = "auto"  # auto: the models' weights; dummy: random weights of their shapes (speed only: no
+    #                            quality scores); target/drafter may then be a shipped shape (cmsd.models.SHAPES)
+
+    def __post_init__(self) -> None:
+        _check(self.load_format in LOAD_FORMATS,
+               f"models.load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+
+    @property
+    def dummy(self) -> bool:
+        return self.load_format == "dummy"
 
 
 @dataclass(frozen=True)

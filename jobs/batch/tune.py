@@ -46,7 +46,8 @@ def tune_corpus(spec: JobSpec, docs: int) -> TunedCorpus:
     max_batch = math.ceil(len(rows) / shard_count(len(rows), execution)) if len(rows) < ahead else \
         execution.shard_rows
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // execution.actors))  # an actor's share of this machine
-    pair = load_pair(spec.models.target, spec.models.drafter, device=spec.models.device, dtype=spec.models.dtype)
+    pair = load_pair(spec.models.target, spec.models.drafter, device=spec.models.device, dtype=spec.models.dtype,
+                     load_format=spec.models.load_format)
     key = plan_key(pair, spec.decode, execution.objective, max_batch, spec.task.name)
     kept = load_plan(key)
     if kept is not None:

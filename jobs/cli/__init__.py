@@ -31,7 +31,7 @@ FLAG_FIELDS = {
     "max_new_tokens": "decode.max_new_tokens", "temperature": "decode.temperature", "seed": "decode.seed",
     "limit": "corpus.limit", "source_field": "corpus.source_field", "reference_field": "corpus.reference_field",
     "id_field": "corpus.id_field", "job_id": "output.job_id", "baseline": "execution.baseline",
-    "objective": "execution.objective",
+    "objective": "execution.objective", "load_format": "models.load_format",
 }
 
 
@@ -101,6 +101,9 @@ def main() -> None:
 @click.option("--source-field", metavar="NAME", help="Corpus field with the text to decode [default: source].")
 @click.option("--reference-field", metavar="NAME", help="Field with the reference [default: reference, if any].")
 @click.option("--id-field", metavar="NAME", help="Field with the document id [default: id, if any, else row-N].")
+@click.option("--load-format", type=click.Choice(["auto", "dummy"]), help="dummy: random weights of the models' "
+              "shapes, for speed only (--target may be a shipped shape: smollm2-135m, smollm2-1.7b, llama-3.1-8b); "
+              "the report says so and carries no quality scores [default: auto].")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Set any spec field, e.g. --set decode.control.k_max=12 (repeatable; values are YAML).")
 @click.option("--objective", type=click.Choice(["throughput", "latency"]), help="What tuning picks the method and "
@@ -135,19 +138,21 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prep
 def tune(spec_file: str | None, demo: bool, assignments: tuple[str, ...], docs: int, **flags: Any) -> None:
     """Measure and print the plan a job's actors would run on this machine (method and batch size, and why), and
     keep it on disk where the job's actors find it and start at once. Takes submit's spec and flags."""
+    from jobs.batch.quality import DUMMY_NOTE
     from jobs.batch.report import tuning_lines
     from jobs.batch.tune import tune_corpus
 
     if docs < 1:
         raise BadInput(f"--docs must be >= 1, got {docs}")
-    result = tune_corpus(job_spec(spec_file, demo, assignments, flags), docs)
-    click.echo("\n".join(tuning_lines(result.plan)))
+    spec = job_spec(spec_file, demo, assignments, flags)
+    result = tune_corpus(spec, docs)
+    click.echo("\n".join(([DUMMY_NOTE] if spec.models.dummy else []) + tuning_lines(result.plan)))
     click.echo(f"plan kept in {result.path}" + ("" if result.docs else " (reused: measured before)"))
 
 
 TUNE_FLAGS = ("spec_file", "demo", "corpus", "task", "target", "drafter", "method", "verify", "max_new_tokens",
               "temperature", "limit", "source_field", "reference_field", "id_field", "actors", "assignments",
-              "objective")
+              "objective", "load_format")
 tune.params.extend(p for p in submit.params if p.name in TUNE_FLAGS)  # the same options as submit's
 
 
@@ -211,6 +216,8 @@ def report(job_dir: str) -> None:
 def _finish(result: Any) -> None:
     """The closing lines: key numbers, the report, and the job directory last."""
     overall = result.summary["overall"]
+    if result.summary.get("load_format") == "dummy":
+        click.echo("dummy weights: speed numbers only (no quality scores; acceptance is a random model's)")
     click.echo(f"{result.summary['docs']} documents, {overall['new_tokens']} tokens, "
                f"{overall['tokens_per_s']:.1f} tokens/s per actor, {overall['tokens_per_call']:.2f} tokens/call, "
                f"acceptance {overall['acceptance_rate']:.2f}, {result.summary['errors']} rows refused")
@@ -223,3 +230,26 @@ main.add_command(k8s)  # cmsd-jobs k8s render (jobs/k8s/render.py)
 main.add_command(calibrate)  # cmsd-jobs calibrate (jobs/train/calibrate.py): SpecBound's exit temperatures
 main.add_command(eval_command)  # cmsd-jobs eval (jobs/eval/run.py): the nightly evaluation and benchmark
 main.add_command(distill)  # cmsd-jobs distill (jobs/train/distill.py): a drafter built from the target
+
+
+@main.command()
+@click.argument("job_dir")
+@click.option("--curve", "curve_path", required=True, metavar="FILE",
+              help="A cost curve (cmsd.costs) or the GPU check's gpu_check.json.")
+@click.option("--shape", help="Of a gpu_check.json's shapes, this one's curve (default: its first).")
+@click.option("--batches", default="1,2,4,8,16,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--verify-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The verify budget on that device (tokens a pass; 0: none, as on a GPU).")
+@click.option("--k-max", type=click.IntRange(min=1), default=8, show_default=True)
+def project(job_dir: str, curve_path: str, shape: str | None, batches: str, verify_tokens: int, k_max: int) -> None:
+    """Project the finished job in JOB_DIR onto another device: tokens/s of its configuration and of AR at each batch
+    size there, from its traces (what its drafts gained) and that device's cost curve (scripts/gpu_check.sh)."""
+    from jobs.batch.projection import projection_table
+
+    try:
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise BadInput(f"--batches must be comma-separated integers, got {batches!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise BadInput(f"--batches must be >= 1, got {batches!r}")
+    click.echo(projection_table(job_dir, curve_path, shape, sorted(set(sizes)), verify_tokens, k_max))

@@ -19,7 +19,11 @@ import click
                    "[default: beside the history, HISTORY/../eval, else ./eval-runs].")
 @click.option("--address", metavar="ADDR", help="Time on a Ray cluster (auto or ray://host:10001) instead of "
               "in this process; the suite's execution.actors share the documents.")
-def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, address: str | None) -> None:
+@click.option("--load-format", type=click.Choice(["auto", "dummy"]), help="dummy: random weights of the suite's "
+              "model shapes, for speed only (no quality scores; the report says so) [default: the suite's "
+              "models.load_format, auto].")
+def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, address: str | None,
+                 load_format: str | None) -> None:
     """Time every method of SUITE_FILE and its peers side by side on the same documents, sweep the settings,
     check calibration and quality, compare with the history, and write the report.
 
@@ -31,7 +35,9 @@ def eval_command(suite_file: str, history_dir: str | None, out_dir: str | None, 
     """
     from jobs.eval.run import run_eval
 
-    record, out = run_eval(suite_file, out_dir, history_dir, address)
+    record, out = run_eval(suite_file, out_dir, history_dir, address, load_format)
+    if record.suite.models.dummy:
+        click.echo("dummy weights: speed numbers only (no quality scores; acceptance is a random model's)")
     for regression in record.regressions:
         click.echo(f"REGRESSION {regression.message()}")
     for warning in record.warnings:

@@ -54,7 +54,8 @@ class Regression:
 def docs_key(docs: tuple[Doc, ...], suite: Suite) -> str:
     """What must be equal for two runs to be comparable: the documents, their prompts, the models, the budget."""
     blob = json.dumps([[d.id, hashlib.sha256(str(d.prompt_ids).encode()).hexdigest()[:12]] for d in docs]
-                      + [suite.models.target, suite.models.drafter, suite.base.max_new_tokens, suite.batch_size])
+                      + [suite.models.target, suite.models.drafter, suite.base.max_new_tokens, suite.batch_size]
+                      + ([suite.models.load_format] if suite.models.dummy else []))  # a dummy run is its own kind
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

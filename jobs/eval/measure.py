@@ -104,7 +104,7 @@ def load_models(suite: Suite) -> Any:
     if suite.execution.threads:
         torch.set_num_threads(suite.execution.threads)
     m = suite.models
-    return load_pair(m.target, m.drafter, device=m.device, dtype=m.dtype)
+    return load_pair(m.target, m.drafter, device=m.device, dtype=m.dtype, load_format=m.load_format)
 
 
 def calibrate_self_drafting(suite: Suite, pair: Any, docs: tuple[Doc, ...], log: Log) -> list[str]:

@@ -139,7 +139,8 @@ def rouge_paired(base: list[str], hyps: list[str], refs: list[str], samples: int
 
 
 def method_rows(meas: Measurements, suite: Suite, docs: DocSet) -> list[dict[str, Any]]:
-    """One row per (setting, method or peer, scope); scope is "all" or a corpus name (with its quality)."""
+    """One row per (setting, method or peer, scope); scope is "all" or a corpus name (with its quality, except for
+    dummy weights)."""
     index = index_outputs(meas.outputs)
     references = {d.id: d.reference for d in (*docs.test, *docs.validation)}
     order = list(meas.info)
@@ -153,7 +154,7 @@ def method_rows(meas: Measurements, suite: Suite, docs: DocSet) -> list[dict[str
             info = meas.info[method]
             row = {"setting": setting, "method": method, "scope": scope, "kind": info.kind, "lossless": info.lossless,
                    **speed_numbers(subset, baseline, reference, info)}
-            if scope != "all":
+            if scope != "all" and not suite.models.dummy:  # a random model's output has no quality to score
                 task = next(c.task for c in suite.corpora if c.name == scope)
                 row.update(quality_numbers(task, subset, references))
                 if setting == "batch-1" and method != suite.ar.name:

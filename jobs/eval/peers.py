@@ -8,6 +8,9 @@ the same token ids and the same loaded models.
     early-exit     assistant_early_exit = L: the target's first L layers draft (batch 1)
     vllm           vLLM's offline LLM with its own speculative decoding (ngram or the drafter model)
 
+With dummy weights (models.load_format dummy) the transformers peers run on cmsd's dummy models themselves; vLLM
+cannot take them and builds its own random weights of the same shapes (its load_format "dummy").
+
 Counts come from a forward pre-hook on the target: every full-depth call is a target call. Assisted generation
 has no separate prefill: its first call is fed the prompt plus c drafted tokens, each later call 1 + c tokens.
 Accepted drafts = new tokens - target calls (each call emits its accepted drafts plus one token; a cut at EOS or
@@ -127,11 +130,14 @@ class VllmRunner(Runner):
 
         self.name, self.limit = entry.name, entry.limit
         speculative = _vllm_speculative(entry, drafter)
-        self.llm = LLM(model=_location(target), speculative_config=speculative, seed=0)
+        # dummy weights: vLLM's own random weights of the same shapes (it cannot take cmsd's), the same tokenizer
+        dummy = {"load_format": "dummy", "tokenizer": str(target.tokenizer.name_or_path)} if target.dummy else {}
+        self.llm = LLM(model=_location(target), speculative_config=speculative, seed=0, **dummy)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         self.warm = SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS)
         self.info = RunnerInfo(kind="vllm", measured=(), lossless=True, batched=entry.batched,
-                               settings={"speculative_config": {k: v for k, v in (speculative or {}).items()}})
+                               settings={"speculative_config": {k: v for k, v in (speculative or {}).items()},
+                                         **({"load_format": "dummy"} if dummy else {})})
 
     def run(self, prompts: list[list[int]], doc_ids: list[str]) -> list[RawOutput]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, use_tqdm=False)

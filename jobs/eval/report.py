@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.batch.quality import DUMMY_NOTE, DUMMY_TITLE
 from jobs.eval.calibration import METRICS, Calibration
 from jobs.eval.docs import DocSet
 from jobs.eval.history import Regression
@@ -74,7 +75,7 @@ def _label(rec: RunRecord, method: str) -> str:
 
 def side_by_side(rec: RunRecord, setting: str) -> Block:
     """Methods as rows: DESIGN.md's numbers, speedup and agreement, then each corpus's quality scores."""
-    quality = [(c.name, m) for c in rec.suite.corpora for m in TASK_METRICS[c.task]]
+    quality = [] if rec.suite.models.dummy else [(c.name, m) for c in rec.suite.corpora for m in TASK_METRICS[c.task]]
     header = ["method", "verify/kind", *SPEED_COLUMNS, *(f"{c} {m}" for c, m in quality), "keeps quality"]
     by_key = {(r["method"], r["scope"]): r for r in rec.rows if r["setting"] == setting}
     body = []
@@ -99,6 +100,8 @@ def by_corpus(rec: RunRecord) -> Block:
 
 
 def significance(rec: RunRecord) -> list[Block]:
+    if rec.suite.models.dummy:
+        return [("p", "Not computed: dummy weights (a random model's output has no quality to compare).")]
     header = ["method", "corpus", "metric", "score", "AR", "delta", "p", "95% interval", "keeps quality"]
     ar = {r["scope"]: r for r in rec.rows if r["setting"] == "batch-1" and r["method"] == rec.suite.ar.name}
     body, signatures, same = [], {}, []
@@ -143,7 +146,8 @@ def sweep_blocks(rec: RunRecord, plot: str | None) -> list[Block]:
              "<-" if rec.chosen is not None and p.name == rec.chosen.name else ""] for p in rec.points]
     text = (f"{spec.method} ({spec.verify}) on {rec.points[0].docs} validation documents (rows right after the "
             f"evaluated ones), each point alternated with AR. Chosen: the fastest point with {spec.quality} >= "
-            f"{spec.min_quality:g}" + (f", written to `{rec.chosen_path}`." if rec.chosen_path else "."))
+            f"{spec.min_quality:g}" + (f", written to `{rec.chosen_path}`." if rec.chosen_path else
+                                       " (none with dummy weights)." if rec.suite.models.dummy else "."))
     return [("p", text), ("table", (header, body))] + ([("img", plot)] if plot else [])
 
 
@@ -174,6 +178,8 @@ def header_blocks(rec: RunRecord) -> list[Block]:
              f"wall time: {rec.wall_s:.0f} s in all; models loaded in {rec.meas.load_s:.1f} s (not timed); "
              f"measuring {rec.meas.measure_s:.0f} s; load average while timing {fmt(m.get('load_avg_mean'))} "
              f"(mean), {fmt(m.get('load_avg_max'))} (max) on {m.get('cpu_count')} CPUs"]
+    if s.models.dummy:
+        return [("h1", f"Evaluation: {s.name} ({DUMMY_TITLE})"), ("p", DUMMY_NOTE), ("list", lines)]
     return [("h1", f"Evaluation: {s.name}"), ("list", lines)]
 
 
@@ -253,5 +259,6 @@ def render_html(blocks: list[Block], title: str) -> str:
 def write_report(rec: RunRecord, out: Path, plots: dict[str, str]) -> Path:
     blocks = build(rec, plots)
     (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks, f"Evaluation {rec.suite.name} {rec.run_id}"))
+    title = f"Evaluation {rec.suite.name} {rec.run_id}" + (f" ({DUMMY_TITLE})" if rec.suite.models.dummy else "")
+    (out / "report.html").write_text(render_html(blocks, title))  # the title is in the first line
     return out / "report.md"

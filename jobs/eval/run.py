@@ -29,17 +29,20 @@ from jobs.eval.report import RunRecord, write_report
 from jobs.eval.suite import Suite, load_suite
 from jobs.eval.sweep import choose, sweep_points, write_settings
 from jobs.batch.manifest import code_versions
+from jobs.batch.quality import DUMMY_NOTE
 from jobs.batch.models import check_models
 
 MACHINE_KEYS = ("platform", "machine", "python", "cpu_count", "torch", "transformers", "device", "gpu", "threads",
                 "dtype", "load_avg_mean", "load_avg_max")
 
 
-def run_eval(suite_file: str, out: str | None, history: str | None, address: str | None) -> tuple[RunRecord, Path]:
+def run_eval(suite_file: str, out: str | None, history: str | None, address: str | None,
+             load_format: str | None = None) -> tuple[RunRecord, Path]:
     """Run the suite; returns the run's record and its directory. Raises BadInput (exit 2) before writing.
-    out: where run directories go (None: beside the history, else ./eval-runs); history: None = OUT/history."""
+    out: where run directories go (None: beside the history, else ./eval-runs); history: None = OUT/history;
+    load_format: overrides the suite's models.load_format (dummy: random weights, no quality scores)."""
     start = time.perf_counter()
-    suite, docs = check_inputs(suite_file, address)
+    suite, docs = check_inputs(suite_file, address, load_format)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{suite.name}"
     root = Path(out) if out else Path(history).parent / "eval" if history else Path("eval-runs")
@@ -59,19 +62,22 @@ def run_eval(suite_file: str, out: str | None, history: str | None, address: str
     rec.warnings = [r for r in found if busy and r.timing]
     mine = history_rows(rec)
     append_history(history_dir, run_id, mine)
-    rec.history = [r for r in past if r.get("suite") == suite.name] + mine
+    rec.history = [r for r in past if r.get("suite") == suite.name  # the trend: runs of the same kind of weights
+                   and (r.get("load_format") or "auto") == suite.models.load_format] + mine
     rec.wall_s = time.perf_counter() - start
     write_outputs(rec, out_dir)
     return rec, out_dir
 
 
-def check_inputs(suite_file: str, address: str | None) -> tuple[Suite, DocSet]:
+def check_inputs(suite_file: str, address: str | None, load_format: str | None = None) -> tuple[Suite, DocSet]:
     """The suite, its models (config and tokenizer only) and its documents; BadInput for any problem."""
     from cmsd import DecodeSettings
 
     suite = load_suite(suite_file)
     if address:
         suite = replace(suite, execution=replace(suite.execution, address=address))
+    if load_format:
+        suite = replace(suite, models=replace(suite.models, load_format=load_format))
     checked = check_models(suite.models, DecodeSettings(method="ar"))
     for m in suite.methods:  # a method's own drafter: found, and sharing the target's tokenizer
         if m.drafter not in (None, suite.models.drafter):
@@ -95,7 +101,7 @@ def analyse(rec: RunRecord, out_dir: Path) -> RunRecord:
         if row["setting"] == "batch-1" and row["scope"] == "all":
             row.update(ece_columns(rec.calibrations, row["method"]))
     rec.points = sweep_points(rec.rows, rec.meas, rec.suite)
-    if rec.suite.sweep is not None:
+    if rec.suite.sweep is not None and not rec.suite.models.dummy:  # no settings are chosen on a random model
         rec.chosen = choose(rec.points, rec.suite.sweep.min_quality)
     if rec.chosen is not None:
         rec.chosen_path = str(write_settings(rec.chosen, rec.suite, out_dir / "chosen_settings.yaml", rec.run_id))
@@ -106,7 +112,8 @@ def history_rows(rec: RunRecord) -> list[dict[str, Any]]:
     """This run's rows for the history: run, code, models and machine, the method's settings, every number."""
     meta = {"run_id": rec.run_id, "started": rec.started, "suite": rec.suite.name, "docs_key": rec.key,
             "git_commit": rec.code.get("git_commit"), "target": rec.suite.models.target,
-            "drafter": rec.suite.models.drafter, **{k: rec.meas.machine.get(k) for k in MACHINE_KEYS}}
+            "drafter": rec.suite.models.drafter, "load_format": rec.suite.models.load_format,
+            **{k: rec.meas.machine.get(k) for k in MACHINE_KEYS}}
     info = rec.meas.info
     return [{**meta, **row, "settings": json.dumps(info[row["method"]].settings, sort_keys=True),
              "method_drafter": info[row["method"]].drafter} for row in rec.rows]
@@ -114,12 +121,14 @@ def history_rows(rec: RunRecord) -> list[dict[str, Any]]:
 
 def write_outputs(rec: RunRecord, out_dir: Path) -> None:
     """summary.json, the per-document results and traces, the plots and the two reports."""
-    summary = {"run_id": rec.run_id, "suite": rec.suite.name, "started": rec.started, "code": rec.code,
+    summary = {"run_id": rec.run_id, "suite": rec.suite.name, "load_format": rec.suite.models.load_format,
+               "started": rec.started, "code": rec.code,
                "machine": rec.meas.machine, "wall_s": rec.wall_s, "load_s": rec.meas.load_s,
                "measure_s": rec.meas.measure_s, "previous_run": rec.previous_id, "skipped": rec.meas.skipped,
                "regressions": [r.message() for r in rec.regressions],
                "warnings": [r.message() for r in rec.warnings], "rows": rec.rows,
-               "chosen_settings": rec.chosen_path, "notes": [*rec.docs.notes, *rec.meas.notes]}
+               "chosen_settings": rec.chosen_path,
+               "notes": [*([DUMMY_NOTE] if rec.suite.models.dummy else []), *rec.docs.notes, *rec.meas.notes]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     pq.write_table(results_table(rec.meas), out_dir / "results.parquet")
     traces = traces_table(rec.meas)

@@ -35,7 +35,8 @@ def test_click_lives_in_jobs_cli_only() -> None:
     code = f"import sys, {modules}; print('click' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
-    assert {"submit", "tune", "resume", "status", "report", "eval", "k8s", "calibrate", "distill"} == set(main.commands)
+    assert {"submit", "tune", "resume", "status", "report", "project", "eval", "k8s", "calibrate", "distill"} == \
+        set(main.commands)
 
 
 @pytest.fixture
@@ -65,6 +66,11 @@ def submit(tmp_path: Path, *args: str) -> tuple[int, str]:
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--set", "prompt.template='{source} in {nope}'"], "cannot be rendered: KeyError('nope')"),
     (["--set", "prompt.template=no source"], "prompt template must contain {source}"),
+    (["--load-format", "random"], "'random' is not one of 'auto', 'dummy'"),
+    (["--set", "models.load_format=random"], "models.load_format must be one of auto, dummy; got 'random'"),
+    (["--load-format", "dummy", "--target", "llama-3.1-8B"], "cannot load the config of 'llama-3.1-8B' for dummy"),
+    (["--load-format", "dummy", "--target", "smollm2-135m", "--drafter", "llama-3.1-8b"],
+     "a vocabulary of 128256 ids, the target 49152"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args: list[str], words: str, corpus: Path, tiny_target: Path,
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,3 +118,22 @@ def test_prepare_only_writes_the_job_directory_and_stops(tmp_path: Path, tiny_ta
     status = CliRunner().invoke(main, ["status", str(job), "--json"])
     info = json.loads(status.output)
     assert (info["state"], info["rows"], info["rows_refused"], info["unfinished"]) == ("unfinished", 5, 1, [0, 1])
+
+
+def test_tune_with_dummy_weights_says_so_first(tmp_path: Path, corpus: Path, tiny_target: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cmsd-jobs tune --load-format dummy` tunes on random weights of the target's shape and says so first."""
+    import torch
+
+    from jobs.batch.quality import DUMMY_NOTE
+
+    monkeypatch.setenv("CMSD_CACHE", str(tmp_path / "cache"))  # the plan is kept there
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, ["tune", "--corpus", str(corpus), "--target", str(tiny_target),
+                                           "--load-format", "dummy", "--max-new-tokens", "8"])
+    finally:
+        torch.set_num_threads(threads)  # tune takes an actor's share of the CPUs for this process
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == DUMMY_NOTE and lines[1].startswith("Tuned for throughput (measured now")

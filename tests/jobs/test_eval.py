@@ -109,6 +109,7 @@ def test_k8s_suite_follows_the_format() -> None:
     ({"batch_docs": 1}, "batch_docs must be 0 or >= batch_size"),
     ({"batch_docs": 4}, "peers decode a unit as one batch"),
     ({"single": "no"}, "single must be true or false"),
+    ({"models": {"target": "smollm2", "load_format": "random"}}, "models.load_format must be one of auto, dummy"),
     ({"corpora": [{"path": "/nonexistent/x.jsonl", "task": "summarization"}]}, "/nonexistent/x.jsonl"),
     ({"methods": ["ar", {"name": "mine", "method": "cmasd", "drafter": "/nonexistent/drafter"}]},
      "methods 'mine': cannot load model '/nonexistent/drafter'"),
@@ -143,6 +144,27 @@ def test_eval_side_by_side_on_a_tiny_model(tmp_path: Path, corpora: dict[str, Pa
     settings = DecodeSettings.from_dict(yaml.safe_load((folder / "chosen_settings.yaml").read_text()))
     assert settings.method == "cmasd" and settings.verify == "relaxed" and settings.control.alpha in (0.5, 1.0)
     assert len(list((out / "history").glob("*.parquet"))) == 1
+
+
+def test_eval_with_dummy_weights_says_so_and_scores_no_quality(tmp_path: Path, corpora: dict[str, Path],
+                                                               tiny_target: Path) -> None:
+    """--load-format dummy: random weights of the target directory's shape; the report says so in its first line,
+    no quality is scored, and transformers' greedy peer runs on the same dummy model (its output is AR's)."""
+    from jobs.batch.quality import DUMMY_NOTE, DUMMY_TITLE
+
+    suite = tiny_suite(corpora, tiny_target, methods=["ar", "cmasd"], peers=["greedy"], batch_size=1)
+    result, out = run_eval(tmp_path, suite, "--load-format", "dummy")
+    assert result.exit_code == 0, explain(result)
+    folder = run_dir(result)
+    assert (folder / "report.md").read_text().splitlines()[0] == f"# Evaluation: tiny ({DUMMY_TITLE})"
+    assert DUMMY_TITLE in (folder / "report.html").read_text().splitlines()[0]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["load_format"] == "dummy" and summary["notes"][0] == DUMMY_NOTE
+    rows = {(r["method"], r["scope"]): r for r in summary["rows"] if r["setting"] == "batch-1"}
+    assert not {"bleu", "chrf", "rouge1", "rougeL", "keeps_quality"} & {k for r in rows.values() for k in r}
+    assert rows[("hf-greedy", "all")]["agreement_with_ar"] == rows[("cmasd", "all")]["agreement_with_ar"] == 1.0
+    history = pq.read_table(next((out / "history").glob("*.parquet"))).to_pylist()
+    assert {r["load_format"] for r in history} == {"dummy"}
 
 
 def test_a_continuous_batching_suite_times_only_its_batched_units(tmp_path: Path, corpora: dict[str, Path],

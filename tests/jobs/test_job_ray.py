@@ -217,6 +217,36 @@ def test_a_prepared_job_runs_on_resume(tmp_path: Path, tiny_target: Path, ray_lo
     assert_each_once(result.uri, [r["id"] for r in articles(4)])
 
 
+def test_a_job_with_dummy_weights_says_so_and_scores_no_quality(tmp_path: Path, ray_local: str) -> None:
+    """`--load-format dummy` on the smollm2-135m shape: the actor builds random weights of that shape (no weights
+    read), the report's first line says so, and summary.json has no quality numbers, only a note why."""
+    from click.testing import CliRunner
+
+    from jobs.batch.quality import DUMMY_NOTE, DUMMY_TITLE
+    from jobs.cli import main
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", articles(3, words=12))
+    result = CliRunner().invoke(main, [
+        "submit", "--corpus", str(corpus), "--target", "smollm2-135m", "--load-format", "dummy", "--method", "cmasd",
+        "--max-new-tokens", "8", "--actors", "1", "--shards", "1", "--baseline", "1", "--no-tune", "--set",
+        "models.device=cpu", "--out", str(tmp_path / "runs"), "--job-id", "dummy"])
+    assert result.exit_code == 0, result.output
+    job = tmp_path / "runs" / "dummy"
+    assert result.output.strip().splitlines()[-1] == str(job) and "dummy weights" in result.output
+    for report in ("report.md", "report.html"):
+        first = (job / report).read_text().splitlines()[0]
+        assert f"Job dummy ({DUMMY_TITLE})" in first, first
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["load_format"] == "dummy" and summary["notes"] == [DUMMY_NOTE] and summary["docs"] == 3
+    overall = summary["overall"]
+    assert all(overall[k] is None for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"))
+    assert overall["scored_docs"] == 0
+    assert overall["new_tokens"] > 0 and overall["tokens_per_s"] > 0
+    assert overall["agreement_with_ar"] == 1.0  # strict: the dummy model's own AR output, exactly
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert manifest["models"]["load_format"] == "dummy" and manifest["models"]["target"]["name"] == "smollm2-135m"
+
+
 def wait_for(condition: Any, process: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -266,3 +296,28 @@ def test_a_job_spreads_its_shards_over_two_nodes(second_node: Any, tmp_path: Pat
     used = set(pq.read_table(Path(result.uri) / "results").column("node_id").to_pylist())
     assert used == nodes
     assert result.summary["nodes"] == sorted(nodes)
+
+
+def test_a_finished_job_projects_onto_another_devices_curve(bad_rows_job: JobResult, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cmsd.costs import Curve
+    from jobs.batch.projection import job_arm
+    from jobs.cli import main
+
+    arm = job_arm(JobStore(bad_rows_job.uri))
+    results = [pq.read_table(p).to_pylist() for p in sorted(Path(bad_rows_job.uri, "results").glob("*.parquet"))]
+    docs = [row for table in results for row in table]
+    assert (arm.method, arm.drafter, arm.docs) == ("cmasd", "ngram", len(docs))
+    assert (arm.new_tokens, arm.iterations, arm.drafted) == tuple(sum(d[k] for d in docs) for k in (
+        "new_tokens", "iterations", "drafted"))
+    assert sum(arm.runs.values()) <= arm.iterations  # a pass that drafted, at most one a verify pass
+    flat = {(r, t, 256): 0.01 * max(1.0, r * t / 32) for r in (1, 8, 32) for t in (1, 2, 4, 8)}  # a GPU's pass
+    curve = tmp_path / "curve.json"
+    Curve("gpu-like", "a GPU", "bfloat16", True, flat, {64: 0.002, 512: 0.01}).save(curve)
+    out = CliRunner().invoke(main, ["project", bad_rows_job.uri, "--curve", str(curve), "--batches", "1,8"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("Projection (not a measurement)")
+    assert all(f"| {label} |" in out.output for label in ("ar b1", "ar b8", "cmasd/ngram b1", "cmasd/ngram b8"))
+    bad = CliRunner().invoke(main, ["project", bad_rows_job.uri, "--curve", str(tmp_path / "none.json")])
+    assert bad.exit_code == 2 and "none.json: cannot read it" in bad.output

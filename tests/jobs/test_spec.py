@@ -15,7 +15,8 @@ def test_resolved_spec_writes_every_default_and_reads_back() -> None:
     spec = JobSpec.from_dict({"corpus": {"path": "docs.jsonl"}, "decode": {"method": "specdec"}})
     data = yaml.safe_load(spec.to_yaml())
     assert list(data) == ["corpus", "task", "prompt", "models", "decode", "execution", "output"]
-    assert data["models"] == {"target": "smollm2", "drafter": "ngram", "device": "auto", "dtype": "auto"}
+    assert data["models"] == {"target": "smollm2", "drafter": "ngram", "device": "auto", "dtype": "auto",
+                              "load_format": "auto"}
     assert data["decode"]["control"]["k_max"] == 8 and data["execution"]["retries"] == 2
     assert JobSpec.from_dict(data) == spec
 
@@ -29,6 +30,7 @@ def test_resolved_spec_writes_every_default_and_reads_back() -> None:
     ({"corpus": {"path": "x"}, "execution": {"actors": 0}}, "execution.actors"),
     ({"corpus": {"path": "x"}, "execution": {"baseline": -1}}, "execution.baseline"),
     ({"corpus": {"path": "x"}, "task": {"name": "poetry"}}, "task.name"),
+    ({"corpus": {"path": "x"}, "models": {"load_format": "random"}}, "models.load_format must be one of auto, dummy"),
     ({"corpus": "x"}, "must be a mapping"),
 ])
 def test_bad_specs_name_the_field(data: dict, words: str) -> None:
