@@ -18,6 +18,7 @@ cmsd.projection turns a curve and a decode's traces into tokens a second.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ import torch
 
 from cmsd import kernels
 from cmsd.decode import Decoder
+from cmsd.identity import ModelError
 from cmsd.kv import open_state
-from cmsd.models import ModelPair
+from cmsd.models import LoadedModel, ModelPair, load_drafter
 from cmsd.settings import DecodeSettings
 from cmsd.tuning import between, drafter_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,34 @@ class Curve:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else kernels.machine(device)["cpu"]
+
+
+def measure_curve(target: LoadedModel, rows: list[int], tokens: list[int], contexts: list[int], prefill: list[int],
+                  runs: list[tuple[str, str | None, int]], prompts: list[list[int]], new_tokens: int
+                  ) -> tuple[Curve, list[str]]:
+    """`target`'s curve on its device: the pass grid (rows x tokens x contexts), the prefill of `prefill` tokens, and
+    a loop per run (method, drafter, batch size) decoding that many of `prompts` (taken in turn) for `new_tokens`.
+    A drafter that cannot be had for the target (no head of its shape) is left out, and the notes say why."""
+    model = target.model
+    curve = Curve(target.name, device_name(model.device), str(model.dtype).removeprefix("torch."), target.dummy,
+                  measure_steps(model, rows, tokens, contexts), measure_prefill(model, prefill))
+    log.info("%s: pass grid and prefill measured", target.name)
+    pairs: dict[str | None, ModelPair | None] = {}
+    notes = []
+    for method, drafter, batch in runs:
+        if drafter not in pairs:
+            try:
+                pairs[drafter] = ModelPair(target, load_drafter(target, drafter))
+            except ModelError as err:
+                pairs[drafter] = None
+                notes.append(f"{method}/{drafter} not run: {str(err).splitlines()[0]}")
+        if pairs[drafter] is not None:
+            settings = DecodeSettings(method=method, batch_size=batch, max_new_tokens=new_tokens)
+            curve.loops.append(measure_loop(pairs[drafter], settings, [prompts[i % len(prompts)]
+                                                                        for i in range(batch)], curve))
+            log.info("%s: %s/%s at batch %d: %.1f tokens/s", target.name, method, drafter, batch,
+                     curve.loops[-1].tokens_per_s)
+    return curve, notes
 
 
 def measure_steps(model: torch.nn.Module, rows: list[int], tokens: list[int], contexts: list[int],

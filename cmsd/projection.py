@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cmsd.costs import Curve
-from cmsd.tuning import TOKEN_POINTS, Candidate, Sample, predict, predict_ar
+from cmsd.tuning import Candidate, Sample, predict, predict_ar, shapes
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,7 @@ def project(curve: Curve, arm: Traced, batches: list[int], verify_tokens: int = 
     host = {b: curve.host_s(arm.method, arm.drafter, b) for b in batches}
     if any(h is None for h in host.values()):  # the arm's loop was not measured: AR's (no drafter cost)
         host = {b: curve.host_s("ar", None, b) or 0.0 for b in batches}
-    tokens = sorted(set(TOKEN_POINTS) | {1 + min(k_max, verify_tokens // b - 1 if verify_tokens else k_max)
-                                         for b in batches} - {0})
-    costs = {(b, t): curve.pass_s(b, t, context) + host[b] for b in batches for t in tokens if t >= 1}
+    costs = {(b, t): curve.pass_s(b, t, context) + host[b] for b, t in shapes(batches, verify_tokens, k_max, True)}
     runs = tuple(a for a, n in sorted(arm.runs.items()) for _ in range(n))
     sample = Sample(arm.docs, arm.new_tokens, arm.docs * curve.prefill_s(prompt), None, arm.iterations,
                     arm.drafted, runs)

@@ -29,12 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cmsd.costs import Curve, device_name, measure_loop, measure_prefill, measure_steps  # noqa: E402
-from cmsd.drafters.head import HeadError  # noqa: E402
-from cmsd.identity import ModelError  # noqa: E402
-from cmsd.models import ModelPair, load_drafter, load_model  # noqa: E402
+from cmsd.costs import Curve, device_name, measure_curve  # noqa: E402
+from cmsd.models import load_model  # noqa: E402
 from cmsd.projection import Traced, as_ar, project  # noqa: E402
-from cmsd.settings import DecodeSettings  # noqa: E402
 
 DATA = ROOT / "scripts" / "data"
 PROMPTS = DATA / "demo-prompts.json"  # jobs/data/demo.jsonl rendered and tokenized for SmolLM2 (make_gpu_data.py)
@@ -81,27 +78,12 @@ def main() -> None:
 def check_shape(shape: str, device: torch.device, conf: dict, prompts: list[list[int]]) -> dict:
     log.info("%s: building dummy weights (%s, %s)", shape, conf["dtype"], device)
     target = load_model(shape, device, conf["dtype"], load_format="dummy")
-    model = target.model
-    params = sum(p.numel() for p in model.parameters())
-    curve = Curve(shape, device_name(device), conf["dtype"], True,
-                  measure_steps(model, conf["batches"], conf["tokens"], conf["contexts"]),
-                  measure_prefill(model, conf["prefill"]))
-    log.info("%s: pass grid and prefill measured", shape)
-    notes = []
-    for method, name in ARMS:
-        try:
-            pair = ModelPair(target, load_drafter(target, name))
-        except (HeadError, ModelError) as err:
-            notes.append(f"{method}/{name} not run: {str(err).splitlines()[0]}")
-            continue
-        for rows in conf["batches"]:
-            batch = [prompts[i % len(prompts)] for i in range(rows)]
-            settings = DecodeSettings(method=method, batch_size=rows, max_new_tokens=conf["new_tokens"])
-            curve.loops.append(measure_loop(pair, settings, batch, curve))
-            log.info("%s: %s/%s at batch %d: %.1f tokens/s", shape, method, name, rows, curve.loops[-1].tokens_per_s)
-        del pair
+    params = sum(p.numel() for p in target.model.parameters())
+    curve, notes = measure_curve(target, conf["batches"], conf["tokens"], conf["contexts"], conf["prefill"],
+                                 [(method, name, rows) for method, name in ARMS for rows in conf["batches"]], prompts,
+                                 conf["new_tokens"])
     out = {"shape": shape, "parameters": params, "curve": curve.to_dict(), "notes": notes}
-    del target, model
+    del target
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cmsd.costs import Curve, device_name, measure_loop, measure_prefill, measure_steps  # noqa: E402
+from cmsd.costs import measure_curve  # noqa: E402
 from cmsd.decode import Decoder  # noqa: E402
 from cmsd.models import ModelPair, load_drafter, load_model  # noqa: E402
 from cmsd.projection import as_ar, project, traced_generations  # noqa: E402
@@ -53,15 +53,10 @@ def main() -> None:
 
     started = time.perf_counter()
     dummy = load_model("smollm2-135m", "cpu", "float32", load_format="dummy")
-    model = dummy.model
     mean = sum(map(len, prompts)) / len(prompts)
-    curve = Curve("smollm2-135m", device_name(torch.device("cpu")), "float32", True,
-                  measure_steps(model, batches, [1, 2, 3, 5, 9], [256, 512, 1024]),
-                  measure_prefill(model, [128, 512, 1024]))
-    for method, name, b in RUNS:  # the loops: on the demo prompts, with dummy weights, as the GPU check does
-        pair = ModelPair(dummy, load_drafter(dummy, name))
-        settings = DecodeSettings(method=method, batch_size=b, max_new_tokens=args.new_tokens)
-        curve.loops.append(measure_loop(pair, settings, [demo[i % len(demo)] for i in range(b)], curve))
+    # the loops: on the demo prompts, with dummy weights, as the GPU check does
+    curve, _ = measure_curve(dummy, batches, [1, 2, 3, 5, 9], [256, 512, 1024], [128, 512, 1024], RUNS, demo,
+                             args.new_tokens)
     print(f"curve of the dummy SmolLM2-135M shape measured in {time.perf_counter() - started:.0f} s "
           f"(prompts of {mean:.0f} tokens on average)")
 
