@@ -1,26 +1,34 @@
-"""Tuning by measurement: the configuration a corpus is decoded with (method, drafter, batch size), chosen from costs
-measured on the machine that decodes it and acceptance measured on the corpus's own documents.
+"""Tuning by measurement: the configuration a corpus is decoded with (method, drafter, batch size, verify budget),
+chosen from costs measured on the machine that decodes it and acceptance measured on the corpus's own documents.
 
 1. The target's cost of one decode pass per (rows, tokens a row) is measured (cmsd.kernels.step_costs; once per
-   machine and model, kept on disk). It runs first: it also warms the model up for the timings after it.
-2. A sample of the documents is decoded at batch 1 by the job's own method with each drafter at hand (an arm): the
-   job's own, the n-gram drafter and the head shipped for the target, where one ships (`alternatives`). The sample's
-   outputs are the documents' outputs (a document decoded while tuning is not decoded again). The target's prefill
-   of each sample prompt is timed, and under strict greedy verification one more pass of the target over each arm's
-   output checks that it is the target's greedy output token for token (AR's output: the check strict verification
-   makes, over the whole output at once, instead of a second decode); an arm that fails it does not compete. Under
-   relaxed verification the sample is decoded by AR too, and an arm's agreement with it must reach
-   RELAXED_MIN_AGREEMENT. Where the job's method is AR, the sample is decoded by AR alone.
+   machine and model, kept on disk): one token a row at every batch size, and every width at batch 1. It runs
+   first: it also warms the model up for the timings after it.
+2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
+   with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
+   target is calibrated (`alternatives`); each drafts up to k_max a pass. The sample's outputs are the documents'
+   outputs (a document decoded while tuning is not decoded again). The target's prefill of each sample prompt is
+   timed, and under strict greedy verification one more pass of the target over each arm's output checks that it
+   is the target's greedy output token for token (AR's output: the check strict verification makes, over the whole
+   output at once, instead of a second decode); an arm that fails it does not compete. Under relaxed verification
+   the sample is decoded by AR too, and an arm must keep the floors `cmsd-jobs eval` gates on: agreement with AR
+   (RELAXED_MIN_AGREEMENT) and chrF against the references (RELAXED_MAX_QUALITY_LOSS). Where the job's method is AR,
+   the sample is decoded by AR alone.
 3. Every candidate's time is predicted from those. A batch of b documents costs b P + (N / tau) (pass(b, t) + D b):
-   P what a document costs besides its passes (its prefill: timed, or fitted to AR's sample decode), N its new tokens, t the
-   tokens a row feeds a pass (1 + its drafts), tau the tokens a pass gains, D the drafter's own cost per row and
-   pass (fitted to the speculative sample decode); AR has t = tau = 1, D = 0. A speculative candidate at batch b
-   drafts at most the verify budget's share (verify_tokens // b - 1, the decoder's own rule; none left: it is AR
-   and is not a candidate) and gains min(a, share) of a pass where the sample accepted a drafts. Each arm at batch 1
-   is its own measurement (D is fitted there): those candidates are marked measured.
+   P what a document costs besides its passes (its prefill: timed, or fitted to AR's sample decode), N its new
+   tokens, t the tokens a row feeds a pass (1 + its drafts), tau the tokens a pass gains, D the drafter's own cost
+   per row and pass (fitted to the speculative sample decode); AR has t = tau = 1, D = 0. A speculative candidate
+   at batch b drafts at most s a row, and gains min(a, s) of a pass where the sample accepted a drafts: s is
+   searched from 1 to k_max at each batch size (the verify budget it sets is b (1 + s)), or is the spec's budget's share
+   (verify_tokens // b - 1, the decoder's own rule) where decode.verify_tokens is set. Wider passes at a batch size
+   are measured only while a speculative candidate there could beat AR (`_widen`). Each arm at batch 1 is its own
+   measurement (D is fitted there): those candidates are marked measured.
 4. The objective picks: `throughput` (the most tokens a second, prefill included) or `latency` (the least time for
    one document: batch 1, the only batch it measures). Memory bounds the batch: the KV cache of its rows, at the
    longest prompt, within MEMORY_FRACTION of the memory free on the device.
+5. The pick is confirmed by real decodes of further documents (`_confirm`: the chosen candidate, AR's best and a
+   close runner-up, a batch each); a speculative candidate at a batch > 1 is chosen only once confirmed. Those
+   documents keep their outputs, and the measured speed replaces the prediction.
 
 A plan is kept on disk (`$CMSD_CACHE/plans/`) per machine, model, drafter, decode settings, objective and largest
 batch, and reused until the code or torch / transformers change (`plan_key`). What is timed goes through
@@ -35,7 +43,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,7 @@ from transformers import DynamicCache
 from cmsd import kernels
 from cmsd.decode import Decoder, Generation
 from cmsd.drafters.head import HEAD_DRAFTER, SHIPPED, FeatureHead, HeadError, names_head, shipped_head
+from cmsd.drafters.selfspec import SelfSpecPlan, calibration_path, check_self_draftable
 from cmsd.identity import cache_dir, fingerprint
 from cmsd.models import LoadedModel, ModelPair, load_drafter
 from cmsd.settings import OBJECTIVES, DecodeSettings
@@ -55,7 +64,9 @@ TOKEN_POINTS = (1, 2, 3, 5, 9)  # tokens a row whose pass cost is measured; betw
 MEMORY_FRACTION = 0.5  # of the device's free memory, the most a batch's KV cache may take
 TUNE_SHARE = 0.1  # of the predicted time of an actor's documents, the most its sample decodes take (docs given)
 ALTERNATIVE_MIN_TOKENS = 16  # another drafter than the job's own decodes half the new tokens, at least this many
-RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor)
+RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor) ...
+RELAXED_MAX_QUALITY_LOSS = 5.0  # ... and chrF points below AR's against the references (the nightly's floor)
+CONFIRM_WITHIN = 0.15  # a runner-up (another arm) within this share of the chosen's predicted speed is decoded too
 
 
 @dataclass(frozen=True)
@@ -71,8 +82,9 @@ class Candidate:
     acceptance_rate: float | None
     agreement_with_ar: float | None
     kv_mb: float  # the batch's KV cache at the longest prompt
-    measured: bool  # the sample's own decode at batch 1 (else predicted from the measured costs)
-    verify_tokens: int = 0  # drafts a row may carry per pass (the verify budget's share); 0 for AR
+    measured: bool  # a real decode of this configuration (the sample's at batch 1, or a confirming one)
+    drafts_per_row: int = 0  # drafts a row may carry per pass (its share of the verify budget: searched); 0: AR
+    predicted_tokens_per_s: float | None = None  # what was predicted, where a confirming decode measured it
 
     @property
     def arm(self) -> tuple[str, str | None]:
@@ -103,8 +115,8 @@ class Plan:
         return self.candidates[self.chosen]
 
     def settings(self, base: DecodeSettings) -> DecodeSettings:
-        """`base` with the chosen method and batch size (`pair_for` gives the chosen drafter)."""
-        return base.with_(method=self.best.method, batch_size=self.best.batch_size)
+        """`base` with the chosen method, batch size and verify budget (`pair_for` gives the chosen drafter)."""
+        return settings_for(base, self.best)
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{**asdict(c), "label": c.label} for c in self.candidates]
@@ -151,12 +163,15 @@ def predict_ar(costs: dict[tuple[int, int], float], sample: Sample, batches: lis
 
 def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, drafter: str | None,
             verify_tokens: int, k_max: int, batches: list[int], kv_row_mb: float, lossless: bool,
-            new: float | None = None, drafter_s: float | None = None) -> list[Candidate]:
+            new: float | None = None, drafter_s: float | None = None, search: bool = False) -> list[Candidate]:
     """A speculative arm's candidates (the method with one drafter) from the measured pass costs and its sample
     decode (the module's docstring, step 3); none where the sample did not draft. new: a document's new tokens
     (default: the sample's; an arm measured on a shorter decode is predicted for the documents' whole length);
     drafter_s: the drafter's cost per row and pass (default: fitted to the sample's decode, whose batch-1
-    candidate is then measured; cmsd.projection gives it in the costs instead)."""
+    candidate is then measured; cmsd.projection gives it in the costs instead); search: each batch size's share
+    of drafts a row carries is searched (1 up to the verify budget's share or k_max), the fastest kept, else the
+    share is the budget's. Beyond the widest pass measured at a batch size a pass costs as that one: an
+    optimistic bound, which `tune` narrows by measuring wider passes where the bound could win."""
     fitted = drafter_s is None
     if not sample.iterations or (fitted and sample.spec_s is None):
         return []
@@ -167,20 +182,34 @@ def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, dr
         drafter_s = max(0.0, sample.spec_s - sample.docs * prefill - sample.iterations * cost(costs, 1, fed)
                         ) / sample.iterations
     runs = list(sample.runs) + [0] * (sample.iterations - len(sample.runs))
-    out = []
-    for b in batches:
-        share = min(verify_tokens // b - 1 if verify_tokens else k_max, k_max)
-        if share <= 0:
-            continue  # no draft at this batch: it decodes as AR
+    sampled = max(runs, default=0)  # the widest share the sample's decode used (at least)
+
+    def at(b: int, share: int) -> Candidate:
         gained = 1 + sum(min(a, share) for a in runs) / len(runs)
         t = min(fed, 1 + share)
         pass_s = cost(costs, b, t) + drafter_s * b
-        out.append(Candidate(method, drafter, b, b * new / (b * prefill + new / gained * pass_s),
-                             b * prefill + new / gained * pass_s, gained,
-                             sum(min(a, share) for a in runs) / max(1.0, len(runs) * (t - 1)),
-                             1.0 if lossless and sample.identical else sample.agreement, b * kv_row_mb,
-                             fitted and b == 1, share))
+        return Candidate(method, drafter, b, b * new / (b * prefill + new / gained * pass_s),
+                         b * prefill + new / gained * pass_s, gained,
+                         sum(min(a, share) for a in runs) / max(1.0, len(runs) * (t - 1)),
+                         1.0 if lossless and sample.identical else sample.agreement, b * kv_row_mb,
+                         fitted and b == 1 and share >= sampled, share)
+
+    out = []
+    for b in batches:
+        cap = min(verify_tokens // b - 1 if verify_tokens else k_max, k_max)
+        options = [at(b, share) for share in (range(1, cap + 1) if search else [cap]) if share > 0]
+        if options:  # else no draft at this batch: it decodes as AR
+            out.append(max(options, key=lambda c: c.tokens_per_s))
     return out
+
+
+def settings_for(base: DecodeSettings, candidate: Candidate) -> DecodeSettings:
+    """`base` decoding as `candidate` does: its method and batch size, and the verify budget that gives each of its
+    rows its share of drafts (verify_tokens // rows - 1, the decoder's rule)."""
+    settings = base.with_(method=candidate.method, batch_size=candidate.batch_size)
+    if candidate.method != "ar" and candidate.drafts_per_row:
+        settings = settings.with_(verify_tokens=candidate.batch_size * (1 + candidate.drafts_per_row))
+    return settings
 
 
 def cost(costs: dict[tuple[int, int], float], rows: int, tokens: float) -> float:
@@ -266,32 +295,50 @@ def pair_for(pair: ModelPair, drafter: str | None) -> ModelPair:
     return pair if drafter == drafter_key(pair) else ModelPair(pair.target, load_drafter(pair.target, drafter))
 
 
-def alternatives(pair: ModelPair, settings: DecodeSettings) -> list[str]:
-    """The drafters a job's method is also measured with besides its own: the n-gram drafter (free to build) and
-    the head shipped for the target, where one ships; none for AR, SpecBound (its own self-drafter) or an
-    encoder-decoder target."""
-    if settings.method in ("ar", "specbound") or pair.target.is_encoder_decoder:
+def alternatives(pair: ModelPair, settings: DecodeSettings) -> list[tuple[str, str]]:
+    """The arms (method, drafter) a job's method is also measured with besides its own: the n-gram drafter (free to
+    build), the head shipped for the target where one ships, and SpecBound's self-drafter where the target is
+    calibrated for it (`cmsd-jobs calibrate`); none for AR or an encoder-decoder target."""
+    if settings.method == "ar" or pair.target.is_encoder_decoder:
         return []
-    own, out = drafter_key(pair), []
-    if own != "ngram":
-        out.append("ngram")
+    own, out = (settings.method, drafter_key(pair)), []
+    method = settings.method if settings.method != "specbound" else "cmasd"  # a drafter's arm runs CM-ASD
+    if own[1] != "ngram":
+        out.append((method, "ngram"))
     if not names_head(pair.drafter):
         try:
             shipped_head(pair.target.model)
-            out.append(HEAD_DRAFTER)
+            out.append((method, HEAD_DRAFTER))
         except HeadError:
             pass  # none ships for this target
+    if own[0] != "specbound" and calibrated(pair.target):
+        out.append(("specbound", "self"))
     return out
 
 
+def calibrated(target: LoadedModel) -> bool:
+    """Whether SpecBound is calibrated for `target` and its calibration does not predict a slowdown."""
+    try:
+        check_self_draftable(target.model)
+    except ValueError:
+        return False
+    if target.dummy or not calibration_path(target.home).is_file():
+        return False
+    plan = SelfSpecPlan.make(target, DecodeSettings(method="specbound"))
+    return not plan.fallback
+
+
 def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], ids: list[str], objective: str,
-         max_batch: int, lengths: list[int], drafters: list[str] | None = None, docs: int | None = None) -> Tuned:
+         max_batch: int, lengths: list[int], drafters: list[tuple[str, str]] | None = None, docs: int | None = None,
+         spare: tuple[list[list[int]], list[str]] = ([], []), references: list[str | None] | None = None) -> Tuned:
     """Decode `prompts` (the sample) and choose a plan (the module's docstring). `settings` is the job's own;
     max_batch: the most documents a batch could hold (the largest shard); lengths: the prompt tokens of the documents
     the plan is for (the longest bounds the batch's memory; the mean sets the cache a measured pass attends over);
-    drafters: those measured besides the pair's own (default: `alternatives`); docs: the documents the plan is for
-    (the tuning's cost scales with them: another drafter is measured only while the sample decodes stay within
-    TUNE_SHARE of their predicted time; None: every drafter is measured)."""
+    drafters: the arms (method, drafter) measured besides the pair's own (default: `alternatives`); docs: the
+    documents the plan is for (the tuning's cost scales with them: another arm is measured only while the sample
+    decodes stay within TUNE_SHARE of their predicted time; None: every arm is measured); spare: more documents
+    (prompts, ids) the confirming decodes may take (their outputs are kept); references: the sample's reference
+    texts, for relaxed verification's quality floor."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     start = time.perf_counter()
@@ -300,22 +347,22 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     def phase(name: str) -> None:  # the seconds since the last phase ended
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
-    model, notes, names = pair.target.model, [], []  # the drafters measured, the pair's own first
+    model, notes, arms = pair.target.model, [], []  # the arms measured, the pair's own first
     if settings.drafts and pair.target.is_encoder_decoder:
         notes.append("an encoder-decoder target: only AR's batch size is tuned")
     elif settings.drafts:
-        names = [drafter_key(pair)] + (alternatives(pair, settings) if drafters is None else drafters)
-        own_decoder = _arm_decoder(pair, names[0], settings, settings.max_new_tokens)
-    verify_tokens = own_decoder.verify_tokens if names else 0
-    phase("decoder")
-    row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * settings.control.k_max + 8)
+        arms = [(settings.method, drafter_key(pair))] + (alternatives(pair, settings) if drafters is None else drafters)
+    search = not settings.verify_tokens  # the verify budget's share is searched (auto), else the spec's
+    k_max = settings.control.k_max
+    row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * k_max + 8)
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
-    with kernels.decode_kernels([model], settings.small_rows):
-        costs = kernels.step_costs(model, shapes(batches, verify_tokens, settings.control.k_max, bool(names)),
-                                   context=_bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2))
+    context = _bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2)
+    costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
+        [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
+        shapes(batches, settings.verify_tokens, k_max, True)) if arms else [(b, 1) for b in batches], context)
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
-    if not names:
+    if not arms:
         ar_s, kept = _timed_decode(ar_decoder, prompts, ids, "ar")
         new = sum(len(g.token_ids) for g in kept)
         candidates = predict_ar(costs, Sample(len(prompts), new, max(0.0, ar_s - new * costs[1, 1])), batches,
@@ -327,50 +374,184 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     if not settings.lossless:  # relaxed: each arm's agreement with AR's own decode
         ar = _timed_decode(ar_decoder, prompts, ids, "ar")[1]
         phase("AR's decode")
-    candidates, allowed, outputs, spent = [], set(), {}, 0.0
+    samples, allowed, outputs, spent, new = {}, set(), {}, 0.0, 0.0
     short = max(ALTERNATIVE_MIN_TOKENS, settings.max_new_tokens // 2)  # the others' outputs are not kept
-    for name in names:
-        if candidates and docs is not None:  # another drafter: measured while the tuning's budget allows
+    for arm in arms:
+        if samples and docs is not None:  # another arm: measured while the tuning's budget allows
             expected = spent * short / settings.max_new_tokens
-            budget = TUNE_SHARE * docs * new / max(c.tokens_per_s for c in candidates)
+            budget = TUNE_SHARE * docs * new / max(c.tokens_per_s for c in predict_ar(costs, samples[arms[0]],
+                                                                                      batches, row_mb))
             if spent + expected > budget:
-                notes.append(f"{settings.method}/{name} not measured: its sample decode (~{expected:.1f} s) would "
-                             f"take the tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
+                notes.append(f"{_name(arm)} not measured: its sample decode (~{expected:.1f} s) would take the "
+                             f"tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
                              f"{budget / TUNE_SHARE:.0f} s")
                 continue
-        decoder = own_decoder if not candidates else _arm_decoder(pair, name, settings, short)
-        sample, outputs[name] = _measure_arm(decoder, model, prompts, ids, ar)
-        spent += sample.spec_s or 0.0
-        phase(f"{settings.method}/{name}")
-        if not candidates:  # the own arm: the sample's whole outputs
-            candidates, new = predict_ar(costs, sample, batches, row_mb), sample.new_tokens / sample.docs
-        candidates += predict(costs, sample, settings.method, name, verify_tokens, settings.control.k_max,
-                              batches, row_mb, settings.lossless, new)
-        if settings.lossless and not sample.identical:
-            notes.append(f"{settings.method}/{name}'s output is not the target's greedy output on the sample: not "
-                         "lossless here, left out")
-        elif not settings.lossless and (sample.agreement or 0) < RELAXED_MIN_AGREEMENT:
-            notes.append(f"{settings.method}/{name}'s agreement with AR on the sample ({sample.agreement:.2f}) is "
-                         f"under {RELAXED_MIN_AGREEMENT}: left out")
+        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short, search)
+        sample, outputs[arm] = _measure_arm(decoder, model, prompts, ids, ar)
+        new = new or sample.new_tokens / sample.docs  # the own arm's: the documents' whole length
+        samples[arm], spent = sample, spent + (sample.spec_s or 0.0)
+        phase(_name(arm))
+        why = _refused(sample, settings, _quality_loss(pair, outputs[arm], ar, references))
+        if why:
+            notes.append(f"{_name(arm)}: {why}, left out")
         else:
-            allowed.add((settings.method, name))
+            allowed.add(arm)
+
+    def candidates_for(costs: dict[tuple[int, int], float]) -> list[Candidate]:
+        return predict_ar(costs, samples[arms[0]], batches, row_mb) + [
+            c for arm, sample in samples.items() for c in predict(
+                costs, sample, *arm, settings.verify_tokens, k_max, batches, row_mb, settings.lossless, new,
+                search=search)]
+
+    candidates = candidates_for(costs)
+    if search and objective == "throughput":
+        fed = max(1 + s.drafted / s.iterations for s in samples.values() if s.iterations) if samples else 1.0
+        widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
+        confirmable = [b for b in batches if b <= len(spare[0])]  # (a speculative batch > 1 is chosen confirmed)
+        candidates = candidates_for(_widen(model, settings, costs, candidates_for, confirmable, widest, context))
+        phase("wider passes")
     if all(c.method == "ar" for c in candidates):
-        notes.append(f"the verify budget ({verify_tokens} token(s) a pass, measured here) leaves no draft at any "
-                     f"batch: {settings.method} decodes as AR does")
+        notes.append(f"the verify budget ({settings.verify_tokens} token(s) a pass) leaves no draft at any batch: "
+                     f"{settings.method} decodes as AR does" if not search else
+                     "the sample's decodes drafted nothing that was accepted: AR competes alone")
     chosen, best_ar = choose(candidates, objective, allowed)
-    best = candidates[chosen]
+    candidates, chosen, best_ar, confirmed = _confirm(pair, settings, candidates, chosen, best_ar, allowed,
+                                                      objective, spare, notes)
+    if confirmed:
+        phase("confirming decodes")
     # the sample's documents keep outputs the job would have written, whole (the own arm's; the others decoded
     # fewer tokens): strict, the own arm's where it is lossless (the target's own output); relaxed, the chosen
     # configuration's (AR's decode where AR was chosen); none otherwise (the job decodes them)
-    own = (settings.method, names[0])
-    kept = outputs[own[1]] if own in allowed and (settings.lossless or best.arm == own) else \
+    own, best = arms[0], candidates[chosen]
+    kept = outputs[own] if own in allowed and (settings.lossless or best.arm == own) else \
         ar if best.method == "ar" else []
-    return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept)
+    return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept + confirmed)
 
 
-def _arm_decoder(pair: ModelPair, drafter: str | None, settings: DecodeSettings, new_tokens: int) -> Decoder:
-    """The decoder that measures one drafter on the sample: batch 1, traced, with its one-time measurements taken."""
-    decoder = Decoder(pair_for(pair, drafter), settings.with_(batch_size=1, trace=True, max_new_tokens=new_tokens))
+
+def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candidate], chosen: int, best_ar: int,
+             allowed: set[tuple[str, str | None]], objective: str, spare: tuple[list[list[int]], list[str]],
+             notes: list[str]) -> tuple[list[Candidate], int, int, list[Generation]]:
+    """Real decodes of the top candidates on the spare documents, a batch of each: the chosen one, AR's best and a
+    runner-up of another arm within CONFIRM_WITHIN of the chosen (those not measured yet). A speculative candidate
+    at a batch > 1 is chosen only once confirmed (its prediction rests on one batch size's acceptance; AR's on
+    measured passes alone): one whose batch the spare documents cannot fill gives way to the best that can be.
+    The measured speed replaces the prediction and the fastest is chosen. Returns the candidates, the chosen and
+    AR's best indices, and the decodes the job keeps: all under strict verification (every lossless output is the
+    target's own), else the chosen configuration's and AR's."""
+    def key(i: int) -> float:
+        c = candidates[i]
+        return c.tokens_per_s if objective == "throughput" else 1 / c.doc_s
+
+    def trusted(i: int) -> bool:  # measured, or AR's prediction
+        return candidates[i].measured or candidates[i].method == "ar"
+
+    prompts, ids = spare
+    pool = [i for i, c in enumerate(candidates) if (c.arm in allowed or c.method == "ar") and
+            (objective == "throughput" or c.batch_size == 1)]
+    fits = [i for i in pool if trusted(i) or candidates[i].batch_size <= len(prompts)]
+    if chosen not in fits:
+        notes.append(f"{candidates[chosen].label} (predicted {candidates[chosen].tokens_per_s:.1f} tokens/s) not "
+                     f"chosen: a real decode must confirm it first and it needs {candidates[chosen].batch_size} "
+                     f"documents, {len(prompts)} were left for it")
+        chosen = max(fits, key=key)
+    top = key(chosen)
+    runner = max((i for i in fits if candidates[i].arm != candidates[chosen].arm and key(i) >= (1 - CONFIRM_WITHIN)
+                  * top), key=key, default=None)
+    order = [i for i in dict.fromkeys([chosen, best_ar, runner]) if i is not None and not candidates[i].measured]
+    used, decoded = 0, {}
+    for i in order:
+        c = candidates[i]
+        if len(prompts) - used < c.batch_size:
+            continue  # (AR's prediction stands, or the runner-up is left out below)
+        part = slice(used, used + c.batch_size)
+        used += c.batch_size
+        decoder = Decoder(pair_for(pair, c.drafter) if c.method != "ar" else ModelPair(pair.target, None),
+                          settings_for(settings, c))
+        decoder.prepare()
+        seconds, gens = _timed_decode(decoder, prompts[part], ids[part], c.label)
+        tokens = sum(len(g.token_ids) for g in gens)  # (a test's stopwatch may give it no time: as predicted)
+        candidates[i] = replace(c, tokens_per_s=tokens / seconds if seconds > 0 else c.tokens_per_s,
+                                doc_s=seconds or c.doc_s, measured=True, predicted_tokens_per_s=c.tokens_per_s)
+        decoded[i] = gens
+    chosen = max((i for i in dict.fromkeys([chosen, best_ar, runner]) if i is not None and trusted(i)), key=key)
+    keep = [g for i, gens in decoded.items() for g in gens
+            if settings.lossless or i == chosen or candidates[i].method == "ar"]
+    return candidates, chosen, best_ar, keep
+
+
+def _widen(model: torch.nn.Module, settings: DecodeSettings, costs: dict[tuple[int, int], float],
+           candidates_for, batches: list[int], widest: int, context: int) -> dict[tuple[int, int], float]:
+    """Measure wider passes where they could matter: at each batch size whose best speculative candidate, priced
+    with the widest pass measured there (a lower bound of a wider pass's cost), beats AR's best, the next token
+    count of TOKEN_POINTS up to `widest` (the tokens a row fed a pass at batch 1, rounded up to a point: no row
+    feeds more), until none could (on a CPU one more token a row soon costs more than the drafts gain)."""
+    while True:
+        candidates = candidates_for(costs)
+        best_ar = max(c.tokens_per_s for c in candidates if c.method == "ar")
+        todo = []
+        for b in batches:
+            spec = max((c.tokens_per_s for c in candidates if c.method != "ar" and c.batch_size == b), default=0.0)
+            measured = max(t for r, t in costs if r == b)
+            wider = next((t for t in TOKEN_POINTS if measured < t <= widest), None)
+            if spec > best_ar and wider is not None:
+                todo.append((b, wider))
+        if not todo:
+            return costs
+        costs = {**costs, **_pass_costs(model, settings, todo, context)}
+
+
+def _pass_costs(model: torch.nn.Module, settings: DecodeSettings, wanted: list[tuple[int, int]], context: int
+                ) -> dict[tuple[int, int], float]:
+    with kernels.decode_kernels([model], settings.small_rows):
+        return kernels.step_costs(model, wanted, context=context)
+
+
+def _name(arm: tuple[str, str | None]) -> str:
+    return f"{arm[0]}/{arm[1]}"
+
+
+def _refused(sample: Sample, settings: DecodeSettings, quality_loss: float | None) -> str | None:
+    """Why an arm may not compete (None: it may): strict, its output is not the target's greedy output on the
+    sample; relaxed, its agreement with AR or its quality falls below the floors `cmsd-jobs eval` gates on."""
+    if settings.lossless:
+        return None if sample.identical else "its output is not the target's greedy output on the sample: not " \
+            "lossless here"
+    if (sample.agreement or 0) < RELAXED_MIN_AGREEMENT:
+        return f"its agreement with AR on the sample ({sample.agreement:.2f}) is under {RELAXED_MIN_AGREEMENT}"
+    if quality_loss is not None and quality_loss > RELAXED_MAX_QUALITY_LOSS:
+        return (f"its chrF on the sample is {quality_loss:.1f} points below AR's (the floor: "
+                f"{RELAXED_MAX_QUALITY_LOSS:g})")
+    return None
+
+
+def _quality_loss(pair: ModelPair, gens: list[Generation], ar: list[Generation],
+                  references: list[str | None] | None) -> float | None:
+    """AR's chrF on the sample's documents that have a reference minus the arm's (None: none has one, or no
+    tokenizer gives the texts)."""
+    tokenizer = pair.target.tokenizer
+    pairs = [(g, h, r) for g, h, r in zip(gens, ar, references or []) if r is not None]
+    if not pairs or tokenizer is None:
+        return None
+    import sacrebleu
+
+    refs = [[r for _, _, r in pairs]]
+
+    def chrf(outputs: list[Generation]) -> float:
+        return sacrebleu.corpus_chrf([tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in outputs],
+                                     refs).score
+
+    return chrf([h for _, h, _ in pairs]) - chrf([g for g, _, _ in pairs])
+
+
+def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int,
+                 widest: bool) -> Decoder:
+    """The decoder that measures one arm on the sample: batch 1, traced, with its one-time measurements taken;
+    widest: its drafts go up to k_max (the share the search may give it; else the verify budget's)."""
+    method, drafter = arm
+    changes = {"verify_tokens": 1 + settings.control.k_max} if widest else {}
+    decoder = Decoder(pair_for(pair, drafter), settings.with_(method=method, batch_size=1, trace=True,
+                                                              max_new_tokens=new_tokens, **changes))
     decoder.prepare()
     return decoder
 

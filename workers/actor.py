@@ -75,7 +75,8 @@ class ShardWorker:
         shard = shard.take(pa.array(keep, pa.int64()))
         self._progress = (task.index, len(refused))
         t0 = time.perf_counter()
-        generations, baseline = self._decode(task, [prompts[i] for i in keep], shard.column("id").to_pylist())
+        generations, baseline = self._decode(task, [prompts[i] for i in keep], shard.column("id").to_pylist(),
+                                             shard.column("reference").to_pylist())
         decode_s = time.perf_counter() - t0
         extra = {"shard": task.index, "attempt": task.attempt, "node_id": self._info.node_id}
         results = result_table(shard, generations, extra, refused=len(refused), baseline=baseline)
@@ -91,18 +92,21 @@ class ShardWorker:
                             wall_s=time.perf_counter() - start, stats=total.to_dict(), peak_rss_mb=_peak_rss_mb(),
                             refused=len(refused), io_s=io_s, tuning=tuning)
 
-    def _decode(self, task: ShardTask, prompts: list[list[int]], ids: list[str]) -> tuple[list, dict]:
+    def _decode(self, task: ShardTask, prompts: list[list[int]], ids: list[str], references: list[str | None]
+                ) -> tuple[list, dict]:
         """The shard's generations, and AR's generations of its task.baseline documents (spread over the shard,
         which is sorted by length): those are decoded as a group of their own, by the method and by AR one after
         the other, in an order that alternates from shard to shard. Before the actor's first shard it tunes
-        (config.tune): the documents it decoded to tune keep those outputs."""
-        kept = self._tune(prompts, ids) if self._config.tune and self._plan is None and prompts else []
+        (config.tune): the documents it decoded to tune keep those outputs, and the job's comparison with AR is the
+        tuning's own (no document is decoded again for it)."""
+        tuned = self._config.tune is not None
+        kept = self._tune(prompts, ids, references) if tuned and self._plan is None and prompts else []
         if kept:
             done = {g.doc_id for g in kept}
             left = [i for i, doc in enumerate(ids) if doc not in done]
             prompts, ids = [prompts[i] for i in left], [ids[i] for i in left]
             self._progress = (task.index, self._progress[1] + len(kept))
-        picked = spread(len(prompts), task.baseline if self._decoder.settings.drafts else 0)
+        picked = spread(len(prompts), task.baseline if self._decoder.settings.drafts and not tuned else 0)
         chosen = set(picked)
         rest = [i for i in range(len(prompts)) if i not in chosen]
         generations = kept + self._generate(self._decoder, [prompts[i] for i in rest], [ids[i] for i in rest])
@@ -137,9 +141,10 @@ class ShardWorker:
         decoder.prepare()
         return decoder
 
-    def _tune(self, prompts: list[list[int]], ids: list[str]) -> list:
+    def _tune(self, prompts: list[list[int]], ids: list[str], references: list[str | None]) -> list:
         """Decide the plan: the one kept on this machine for this job's settings, or one measured now on a sample of
-        this shard (cmsd.tuning); returns the sample's generations (the documents' outputs)."""
+        this shard, confirmed on more of its documents (cmsd.tuning); returns the generations decoded to measure it
+        (the documents' outputs)."""
         from cmsd.tuning import load_plan, pair_for, plan_key, save_plan, tune
 
         conf, decode = self._config.tune, self._config.decode
@@ -147,8 +152,11 @@ class ShardWorker:
         plan, kept = load_plan(key), []
         if plan is None:
             sample = spread(len(prompts), conf.sample)
+            rest = [i for i in range(len(prompts)) if i not in set(sample)]
             tuned = tune(self._pair, decode, [prompts[i] for i in sample], [ids[i] for i in sample], conf.objective,
-                         conf.max_batch, [len(p) for p in prompts], docs=conf.docs)
+                         conf.max_batch, [len(p) for p in prompts], docs=conf.docs,
+                         spare=([prompts[i] for i in rest], [ids[i] for i in rest]),
+                         references=[references[i] for i in sample])
             plan, kept = tuned.plan, self._decoder.with_text(tuned.kept)
             try:
                 save_plan(key, plan)
@@ -158,8 +166,6 @@ class ShardWorker:
         best = plan.best  # its drafter, where it drafts with another than the job's own (loaded by name)
         self._decoder = self._decoder_for(plan.settings(decode), pair_for(self._pair, best.drafter) if
                                           best.method != "ar" else None)
-        ar_batch = plan.candidates[plan.ar].batch_size  # the job's baseline runs AR at AR's own best batch
-        self._ar = self._decoder_for(decode.with_(method="ar", trace=False, batch_size=ar_batch))
         return kept
 
     def _render(self, row: dict[str, str | None]) -> str:

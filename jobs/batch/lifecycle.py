@@ -93,8 +93,8 @@ def execute(store: JobStore, spec: JobSpec, manifest: Manifest, observer: Observ
 def baseline_plan(spec: JobSpec, manifest: Manifest) -> dict[int, int]:
     """Shard -> how many of its documents are also decoded with AR: execution.baseline documents in groups of
     decode.batch_size (so the comparison runs at the job's batch size), the groups spread evenly over the shards.
-    The same for a job and its resumption; none for AR itself."""
-    wanted = spec.execution.baseline if spec.decode.method != "ar" else 0
+    The same for a job and its resumption; none for AR itself, nor for a tuned job (its tuning measured AR)."""
+    wanted = spec.execution.baseline if spec.decode.method != "ar" and not spec.execution.tune else 0
     shards = manifest.shards
     if not wanted or not shards:
         return {}

@@ -159,11 +159,11 @@ def _rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], list[list[str
 
 
 TUNING_COLUMNS = ("label", "tokens_per_s", "doc_s", "tokens_per_call", "acceptance_rate", "agreement_with_ar",
-                  "kv_mb", "measured")
+                  "drafts_per_row", "kv_mb", "measured", "predicted_tokens_per_s")
 
 
 def _tuning_cells(candidate: dict[str, Any]) -> list[str]:
-    return [_fmt(candidate[name]) if name != "measured" else "measured" if candidate[name] else "predicted"
+    return [_fmt(candidate.get(name)) if name != "measured" else "measured" if candidate[name] else "predicted"
             for name in TUNING_COLUMNS]
 
 

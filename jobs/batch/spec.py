@@ -96,9 +96,11 @@ class ExecutionSpec:
     retries: int = 2  # attempts after the first, per shard, when an actor dies or a shard fails
     num_cpus: int | None = None  # local Ray only: CPUs it may use (None: all)
     baseline: int = 8  # documents also decoded with AR, on the same actors, for the job's own speedup_vs_ar and
-    #                    agreement_with_ar (spread over the shards in groups of batch_size); 0: none
-    tune: bool = True  # each actor picks its method and batch size by measurement first (cmsd.tuning; a plan kept
-    #                    per machine is reused); false: decode exactly as the decode section says
+    #                    agreement_with_ar (spread over the shards in groups of batch_size); 0: none. Untuned jobs
+    #                    only: a tuned job's comparison is its tuning's (no document decoded twice)
+    tune: bool = True  # each actor picks its method, drafter, batch size and verify budget by measurement first
+    #                    (cmsd.tuning; a plan kept per machine is reused); false: decode exactly as the decode
+    #                    section says
     objective: str = "throughput"  # what tuning picks for: throughput (tokens a second) | latency (one document's
     #                                time, batch 1)
 

@@ -56,11 +56,14 @@ def tune_corpus(spec: JobSpec, docs: int) -> TunedCorpus:
     prompts = [encode_prompt(pair.tokenizer, template.render(pair.tokenizer, r.source, r.src_lang, r.tgt_lang))
                for r in rows]
     keep, _ = split_by_length(prompts, pair.max_context - spec.decode.max_new_tokens)  # the workers' rule
-    fits = [(prompts[i], rows[i].id) for i in keep]
+    fits = [(prompts[i], rows[i].id, rows[i].reference) for i in keep]
     if not fits:
         raise BadInput(f"{spec.corpus.path}: the first {len(rows)} documents are too long for the model with "
                        f"decode.max_new_tokens {spec.decode.max_new_tokens} added")
-    sample = [fits[i] for i in spread(len(fits), docs)]  # as an actor spreads its sample over its shard
-    tuned = tune(pair, spec.decode, [p for p, _ in sample], [i for _, i in sample], execution.objective, max_batch,
-                 [len(p) for p, _ in fits])
-    return TunedCorpus(tuned.plan.to_dict(), save_plan(key, tuned.plan), len(sample))
+    picked = spread(len(fits), docs)  # as an actor spreads its sample over its shard, and confirms on the rest
+    sample, rest = [fits[i] for i in picked], [f for i, f in enumerate(fits) if i not in set(picked)]
+    tuned = tune(pair, spec.decode, [p for p, _, _ in sample], [i for _, i, _ in sample], execution.objective,
+                 max_batch, [len(p) for p, _, _ in fits], spare=([p for p, _, _ in rest], [i for _, i, _ in rest]),
+                 references=[r for _, _, r in sample])
+    return TunedCorpus(tuned.plan.to_dict(), save_plan(key, tuned.plan),
+                      len({i for _, i, _ in sample} | {g.doc_id for g in tuned.kept}))

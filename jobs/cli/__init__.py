@@ -93,7 +93,8 @@ def main() -> None:
               "(default: start a local Ray).")
 @click.option("--batch-size", type=int, help="Documents decoded together by one actor.")
 @click.option("--baseline", type=int, metavar="N", help="Also decode N documents with AR on the same actors, for "
-              "the job's own speedup_vs_ar and agreement_with_ar; 0: none [default: 8].")
+              "the job's own speedup_vs_ar and agreement_with_ar; 0: none [default: 8]. Only with --no-tune: a "
+              "tuned job's comparison is its tuning's, decoding no document twice.")
 @click.option("--max-new-tokens", type=int, help="Tokens generated per document, at most.")
 @click.option("--temperature", type=float, help="0 = greedy.")
 @click.option("--seed", type=int, help="Sampling seed.")
@@ -134,7 +135,8 @@ def submit(spec_file: str | None, demo: bool, assignments: tuple[str, ...], prep
 
 @main.command(context_settings={"show_default": True})
 @click.option("--docs", type=int, default=1, help="Documents to measure on (from the corpus's start), each decoded "
-              "at batch 1 by the method with each drafter at hand (and by AR too under relaxed verification).")
+              "at batch 1 by the method with each drafter at hand (and by AR too under relaxed verification); the top "
+              "candidates are then confirmed by real decodes of the next documents read.")
 def tune(spec_file: str | None, demo: bool, assignments: tuple[str, ...], docs: int, **flags: Any) -> None:
     """Measure and print the plan a job's actors would run on this machine (method and batch size, and why), and
     keep it on disk where the job's actors find it and start at once. Takes submit's spec and flags."""

@@ -98,7 +98,7 @@ def test_a_projection_drafts_no_more_than_the_budget_leaves_at_each_batch() -> N
     assert set(by_batch) == {1, 2, 4}  # 8 // 8 - 1: no draft left at b8
     assert by_batch[1].tokens_per_call == pytest.approx(1 + 1.5) and by_batch[2].tokens_per_call == \
         pytest.approx(1 + 1.5)  # a share of 7 at b1, 3 at b2: every run of 3 fits
-    assert by_batch[4].tokens_per_call == pytest.approx(1 + 0.5) and by_batch[4].verify_tokens == 1
+    assert by_batch[4].tokens_per_call == pytest.approx(1 + 0.5) and by_batch[4].drafts_per_row == 1
     flat = {c.batch_size: c for c in project(curve_of(gpu_like, {("ar", None): 0.0, ("cmasd", "ngram"): 0.0}), arm,
                                             [1, 8], verify_tokens=0)}
     ar = {c.batch_size: c for c in project(curve_of(gpu_like, {("ar", None): 0.0}), as_ar(arm), [1, 8])}

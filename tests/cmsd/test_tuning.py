@@ -5,6 +5,7 @@ doing no drafter work."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_on_a_cpu_ar_at_the_largest_batch_wins_throughput_and_drafting_wins_one_
     assert labels == ["ar b1", "ar b2", "ar b4", "ar b8", "ar b16", "cmasd/ngram b1", "cmasd/ngram b2"]  # from b4
     assert [c.measured for c in candidates] == [False] * 5 + [True, False]  # the sample decoded by the arm alone
     # (no draft left from b4 on)
-    assert candidates[-1].verify_tokens == 1 and candidates[-1].tokens_per_call == pytest.approx(1.5)
+    assert candidates[-1].drafts_per_row == 1 and candidates[-1].tokens_per_call == pytest.approx(1.5)
     chosen, ar = choose(candidates, "throughput", BOTH)
     assert labels[chosen] == labels[ar] == "ar b16"
     chosen, ar = choose(candidates, "latency", BOTH)
@@ -178,7 +179,7 @@ def test_each_drafter_at_hand_competes_and_the_best_one_is_chosen() -> None:
     prompts = repetitive_prompts(5, 3)  # text that repeats itself: the n-gram drafter's ground
     poor = LoadedModel("poor", perturbed(target, 0.5, seed=1), None)  # a drafter that rarely agrees
     pair = ModelPair(LoadedModel("target", target, None), poor)
-    assert tuning.alternatives(pair, DecodeSettings()) == ["ngram"]  # no head ships for a tiny model
+    assert tuning.alternatives(pair, DecodeSettings()) == [("cmasd", "ngram")]  # no head ships, no calibration
     assert tuning.alternatives(pair, DecodeSettings(method="ar")) == []
     ids = [f"d{i}" for i in range(len(prompts))]
     settings = DecodeSettings(method="cmasd", max_new_tokens=2 * NEW)  # the alternative decodes NEW tokens
@@ -235,3 +236,128 @@ def test_a_budget_that_leaves_no_draft_is_said_so() -> None:
     *_, tuned = tuned_on_a_tiny_model(DecodeSettings(method="cmasd", max_new_tokens=NEW, verify_tokens=1), "latency")
     assert all(c.method == "ar" for c in tuned.plan.candidates) and tuned.plan.best.label == "ar b1"
     assert any("leaves no draft at any batch" in note for note in tuned.plan.notes)
+
+
+def test_the_drafts_a_row_carries_are_searched_per_batch_size() -> None:
+    batches = [1, 2, 4, 8, 16]
+    deep = replace(SAMPLE, runs=(8,) * 10 + (0,) * 10, drafted=160)  # half the passes accepted all 8 drafts
+    gpu = gpu_costs(batches)
+    found = predict(gpu, replace(deep, spec_s=20 * cost(gpu, 1, 9)), "cmasd", "ngram", 0, 8, batches, 10.0, True,
+                    search=True)
+    assert [c.drafts_per_row for c in found] == [8] * 5  # a GPU's pass costs about one step: every draft pays
+    shallow = predict(gpu, replace(SAMPLE, spec_s=20 * cost(gpu, 1, 4)), "cmasd", "ngram", 0, 8, batches, 10.0,
+                      True, search=True)
+    assert [c.drafts_per_row for c in shallow] == [3] * 5  # no draft beyond the 3 the sample ever accepted pays
+    cpu = {(b, t): 1.0 + 0.1 * (b * t - 1) for b in batches for t in range(1, 10)}  # a pass costs its tokens
+    found = predict(cpu, replace(deep, spec_s=20 * cost(cpu, 1, 9)), "cmasd", "ngram", 0, 8, batches, 10.0, True,
+                    search=True)
+    shares = [c.drafts_per_row for c in found]
+    assert shares == sorted(shares, reverse=True) and shares[0] == 8 and shares[-1] < 8  # fewer as rows add up
+    for c in found:  # each the fastest of its batch size's shares
+        assert c.tokens_per_s == max(o.tokens_per_s for s in range(1, 9) for o in predict(
+            cpu, replace(deep, spec_s=20 * cost(cpu, 1, 9)), "cmasd", "ngram", c.batch_size * (1 + s), 8,
+            [c.batch_size], 10.0, True))
+        settings = tuning.settings_for(DecodeSettings(), c)  # the decoder's rule gives each row that share
+        assert settings.verify_tokens // c.batch_size - 1 == c.drafts_per_row and settings.batch_size == c.batch_size
+
+
+class PricedDecodes(ModelledCosts):
+    """Modelled costs (a GPU-like pass: 0.002 a token beyond the first), with each confirming decode of a candidate
+    (by its label) taking the seconds given; the counted ("step", rows, tokens) passes kept."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        super().__init__(slope=0.002)
+        self.seconds = seconds
+
+    def __call__(self, what: tuple, work) -> float:
+        out = super().__call__(what, work)
+        return self.seconds.get(what[1], out) if what[0] == "decode" else out
+
+
+@pytest.mark.parametrize("slow", ["cmasd/ngram b4", "ar b4"])
+def test_the_top_candidates_are_confirmed_by_real_decodes_that_keep_their_outputs(slow: str) -> None:
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 9)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    ids = [f"d{i}" for i in range(len(prompts))]
+    settings = DecodeSettings(method="cmasd", max_new_tokens=NEW)
+    with timed_by(PricedDecodes({slow: 1000.0, ({"cmasd/ngram b4", "ar b4"} - {slow}).pop(): 1.0})):
+        tuned = tune(pair, settings, prompts[:1], ids[:1], "throughput", max_batch=4,
+                     lengths=[len(p) for p in prompts], spare=(prompts[1:], ids[1:]))
+    plan = tuned.plan
+    confirmed = {c.label: c for c in plan.candidates if c.predicted_tokens_per_s is not None}
+    assert set(confirmed) == {"cmasd/ngram b4", "ar b4"} and all(c.measured for c in confirmed.values())
+    assert confirmed[slow].tokens_per_s == pytest.approx(4 * NEW / 1000.0)  # what its decode measured
+    assert plan.best.label != slow and plan.best.label in confirmed  # the faster one measured
+    assert plan.candidates[plan.ar].label == "ar b4"
+    # every document decoded while tuning keeps its output, each the target's greedy output (strict: lossless)
+    assert sorted(g.doc_id for g in tuned.kept) == sorted(ids)
+    reference = dict(zip(ids, (greedy_reference(target, p, NEW) for p in prompts)))
+    assert all(g.token_ids == reference[g.doc_id] for g in tuned.kept)
+
+
+def test_a_speculative_batch_is_not_chosen_unconfirmed_and_wider_passes_are_measured_where_they_could_win() -> None:
+    target = tiny_llama(seed=3)
+    prompts = repetitive_prompts(5, 3)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    ids = [f"d{i}" for i in range(len(prompts))]
+    settings = DecodeSettings(method="cmasd", max_new_tokens=NEW)
+    widest = {}
+    for name, stopwatch, spare in (("unconfirmed", PricedDecodes({}), ([], [])),
+                                   ("gpu", PricedDecodes({}), (prompts * 4, ids * 4)),
+                                   ("cpu", ModelledCosts(slope=1.0), (prompts * 4, ids * 4))):
+        with timed_by(stopwatch):
+            tuned = tune(pair, settings, prompts, ids, "throughput", max_batch=4, lengths=[len(p) for p in prompts],
+                         spare=spare)
+        widest[name] = max(what[2] for what in stopwatch.calls if what[0] == "step" and what[1] > 1)
+        best_spec = max((c for c in tuned.plan.candidates if c.method == "cmasd"), key=lambda c: c.tokens_per_s)
+        if name == "unconfirmed":  # drafting wins at batch 4 by prediction, but no document is left to confirm it
+            assert best_spec.batch_size == 4 and not best_spec.measured
+            assert tuned.plan.best.method == "ar" and any("must confirm it first" in n for n in tuned.plan.notes)
+        elif name == "gpu":  # ... confirmed by a real decode (its modelled time: as predicted)
+            assert tuned.plan.best == best_spec and best_spec.batch_size == 4 and best_spec.measured
+    # a pass that costs as its tokens (slope 1): a second token a row already costs what drafts gain, so no pass
+    # wider than 2 tokens a row is measured beyond batch 1; a GPU-like pass: measured out to what the sample fed;
+    # none beyond one token a row where no speculative batch could be confirmed
+    assert widest["unconfirmed"] == 1 and widest["cpu"] <= 2 < widest["gpu"]
+
+
+def test_specbound_competes_where_the_target_is_calibrated(tmp_path) -> None:
+    from cmsd.drafters.selfspec import calibration_path
+    from cmsd.train.calibrate import calibrate
+
+    model = tiny_llama(seed=2, layers=4)
+    cal = calibrate(model, repetitive_prompts(2, 3), "tiny")
+    target = LoadedModel("tiny", model, None, path=tmp_path)
+    pair = ModelPair(target, "ngram")
+    assert ("specbound", "self") not in tuning.alternatives(pair, DecodeSettings())  # not calibrated
+    for layer in cal.layers:
+        layer.agreement = 0.95  # a calibration that predicts a speedup
+    cal.save(calibration_path(tmp_path))
+    assert tuning.alternatives(pair, DecodeSettings()) == [("cmasd", "ngram"), ("specbound", "self")][1:]
+    prompts = repetitive_prompts(5, 3)
+    ids = [f"d{i}" for i in range(len(prompts))]
+    tuned = tune(pair, DecodeSettings(method="cmasd", max_new_tokens=NEW), prompts, ids, "latency", max_batch=4,
+                 lengths=[len(p) for p in prompts])
+    arms = {c.arm: c for c in tuned.plan.candidates}
+    assert ("specbound", "self") in arms and arms["specbound", "self"].agreement_with_ar == 1.0  # lossless
+    chosen = tuning.settings_for(DecodeSettings(), tuned.plan.best)
+    assert Decoder(tuning.pair_for(pair, tuned.plan.best.drafter), chosen).settings.method == tuned.plan.best.method
+    for layer in cal.layers:
+        layer.agreement = 0.05  # one that predicts a slowdown: SpecBound would decode as AR
+    cal.save(calibration_path(tmp_path))
+    assert ("specbound", "self") not in tuning.alternatives(pair, DecodeSettings())
+
+
+def test_relaxed_verification_keeps_the_nightlys_floors() -> None:
+    import yaml
+
+    floors = yaml.safe_load((Path(__file__).parents[2] / "jobs/suites/nightly.yaml").read_text())["floors"]
+    assert (tuning.RELAXED_MIN_AGREEMENT, tuning.RELAXED_MAX_QUALITY_LOSS) == (floors["min_agreement"],
+                                                                              floors["max_quality_loss"])
+    relaxed = DecodeSettings(verify="relaxed")
+    assert tuning._refused(replace(SAMPLE, agreement=0.9), relaxed, 1.0) is None
+    assert "agreement" in tuning._refused(replace(SAMPLE, agreement=0.3), relaxed, 0.0)
+    assert "chrF" in tuning._refused(replace(SAMPLE, agreement=0.9), relaxed, 6.0)
+    assert tuning._refused(replace(SAMPLE, agreement=0.9), relaxed, None) is None  # no reference: agreement alone
+    assert "not the target's greedy output" in tuning._refused(replace(SAMPLE, identical=False), DecodeSettings(), None)
