@@ -443,8 +443,8 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
         c = candidates[i]
         return c.tokens_per_s if objective == "throughput" else 1 / c.doc_s
 
-    def trusted(i: int) -> bool:  # measured, or AR's prediction
-        return candidates[i].measured or candidates[i].method == "ar"
+    def trusted(i: int) -> bool:  # measured, or predicted from passes alone (AR) or from its own batch (batch 1)
+        return candidates[i].measured or candidates[i].method == "ar" or candidates[i].batch_size == 1
 
     prompts, ids = spare
     pool = [i for i, c in enumerate(candidates) if (c.arm in allowed or c.method == "ar") and
