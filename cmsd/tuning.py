@@ -26,9 +26,10 @@ chosen from costs measured on the machine that decodes it and acceptance measure
 4. The objective picks: `throughput` (the most tokens a second, prefill included) or `latency` (the least time for
    one document: batch 1, the only batch it measures). Memory bounds the batch: the KV cache of its rows, at the
    longest prompt, within MEMORY_FRACTION of the memory free on the device.
-5. The pick is confirmed by real decodes of further documents (`_confirm`: the chosen candidate, AR's best and a
-   close runner-up, a batch each); a speculative candidate at a batch > 1 is chosen only once confirmed. Those
-   documents keep their outputs, and the measured speed replaces the prediction.
+5. A speculative pick is confirmed by real decodes of further documents (`_confirm`: it and AR at AR's best batch,
+   a batch each; a speculative candidate at a batch > 1 is chosen only once confirmed). Those documents keep their
+   outputs, the measured speed replaces the prediction, and the faster is chosen. AR's pick is not decoded again:
+   its prediction is its measured passes'.
 
 A plan is kept on disk (`$CMSD_CACHE/plans/`) per machine, model, drafter, decode settings, objective and largest
 batch, and reused until the code or torch / transformers change (`plan_key`). What is timed goes through
@@ -66,7 +67,6 @@ TUNE_SHARE = 0.1  # of the predicted time of an actor's documents, the most its 
 ALTERNATIVE_MIN_TOKENS = 16  # another drafter than the job's own decodes half the new tokens, at least this many
 RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor) ...
 RELAXED_MAX_QUALITY_LOSS = 5.0  # ... and chrF points below AR's against the references (the nightly's floor)
-CONFIRM_WITHIN = 0.15  # a runner-up (another arm) within this share of the chosen's predicted speed is decoded too
 
 
 @dataclass(frozen=True)
@@ -213,8 +213,14 @@ def settings_for(base: DecodeSettings, candidate: Candidate) -> DecodeSettings:
 
 
 def cost(costs: dict[tuple[int, int], float], rows: int, tokens: float) -> float:
-    """A pass's seconds at `rows` rows of `tokens` tokens: measured, or interpolated between measured token counts."""
-    return sum(w * costs[rows, t] for t, w in between({t for r, t in costs if r == rows}, tokens))
+    """A pass's seconds at `rows` rows of `tokens` tokens: measured, or interpolated between measured token counts;
+    beyond the widest measured, extrapolated along its last segment (a pass costs more with each token it carries,
+    at least as its widest measured step did), or that width's cost where only one was measured."""
+    points = sorted(t for r, t in costs if r == rows)
+    if tokens > points[-1] and len(points) > 1:
+        a, b = points[-2], points[-1]
+        return costs[rows, b] + max(0.0, costs[rows, b] - costs[rows, a]) / (b - a) * (tokens - b)
+    return sum(w * costs[rows, t] for t, w in between(points, tokens))
 
 
 def between(points, x: float) -> list[tuple[Any, float]]:
@@ -405,7 +411,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
 
     candidates = candidates_for(costs)
     if search and objective == "throughput":
-        fed = max(1 + s.drafted / s.iterations for s in samples.values() if s.iterations) if samples else 1.0
+        fed = max((1 + s.drafted / s.iterations for s in samples.values() if s.iterations), default=1.0)
         widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
         confirmable = [b for b in batches if b <= len(spare[0])]  # (a speculative batch > 1 is chosen confirmed)
         candidates = candidates_for(_widen(model, settings, costs, candidates_for, confirmable, widest, context))
@@ -432,13 +438,13 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
 def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candidate], chosen: int, best_ar: int,
              allowed: set[tuple[str, str | None]], objective: str, spare: tuple[list[list[int]], list[str]],
              notes: list[str]) -> tuple[list[Candidate], int, int, list[Generation]]:
-    """Real decodes of the top candidates on the spare documents, a batch of each: the chosen one, AR's best and a
-    runner-up of another arm within CONFIRM_WITHIN of the chosen (those not measured yet). A speculative candidate
-    at a batch > 1 is chosen only once confirmed (its prediction rests on one batch size's acceptance; AR's on
-    measured passes alone): one whose batch the spare documents cannot fill gives way to the best that can be.
-    The measured speed replaces the prediction and the fastest is chosen. Returns the candidates, the chosen and
-    AR's best indices, and the decodes the job keeps: all under strict verification (every lossless output is the
-    target's own), else the chosen configuration's and AR's."""
+    """Real decodes on the spare documents, a batch each, of a speculative pick and of AR at its best batch (what it
+    is compared with). A speculative candidate at a batch > 1 is chosen only once confirmed: its prediction rests on
+    the acceptance measured at batch 1 (AR's on measured passes alone, batch 1's on its own decode); one whose batch
+    the spare documents cannot fill gives way to the best that can be confirmed. The measured speed replaces the
+    prediction, and the faster of the two is chosen. Returns the candidates, the chosen and AR's best indices, and
+    the decodes the job keeps: both under strict verification (every lossless output is the target's own), else
+    the chosen configuration's."""
     def key(i: int) -> float:
         c = candidates[i]
         return c.tokens_per_s if objective == "throughput" else 1 / c.doc_s
@@ -447,6 +453,8 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
         return candidates[i].measured or candidates[i].method == "ar" or candidates[i].batch_size == 1
 
     prompts, ids = spare
+    if candidates[chosen].method == "ar":
+        return candidates, chosen, best_ar, []  # AR's prediction is its measured passes': nothing to confirm
     pool = [i for i, c in enumerate(candidates) if (c.arm in allowed or c.method == "ar") and
             (objective == "throughput" or c.batch_size == 1)]
     fits = [i for i in pool if trusted(i) or candidates[i].batch_size <= len(prompts)]
@@ -455,15 +463,11 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
                      f"chosen: a real decode must confirm it first and it needs {candidates[chosen].batch_size} "
                      f"documents, {len(prompts)} were left for it")
         chosen = max(fits, key=key)
-    top = key(chosen)
-    runner = max((i for i in fits if candidates[i].arm != candidates[chosen].arm and key(i) >= (1 - CONFIRM_WITHIN)
-                  * top), key=key, default=None)
-    order = [i for i in dict.fromkeys([chosen, best_ar, runner]) if i is not None and not candidates[i].measured]
     used, decoded = 0, {}
-    for i in order:
+    for i in [chosen, best_ar] if candidates[chosen].method != "ar" else []:
         c = candidates[i]
-        if len(prompts) - used < c.batch_size:
-            continue  # (AR's prediction stands, or the runner-up is left out below)
+        if c.measured or len(prompts) - used < c.batch_size:
+            continue  # (measured by the sample, or AR's prediction stands)
         part = slice(used, used + c.batch_size)
         used += c.batch_size
         decoder = Decoder(pair_for(pair, c.drafter) if c.method != "ar" else ModelPair(pair.target, None),
@@ -474,18 +478,17 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
         candidates[i] = replace(c, tokens_per_s=tokens / seconds if seconds > 0 else c.tokens_per_s,
                                 doc_s=seconds or c.doc_s, measured=True, predicted_tokens_per_s=c.tokens_per_s)
         decoded[i] = gens
-    chosen = max((i for i in dict.fromkeys([chosen, best_ar, runner]) if i is not None and trusted(i)), key=key)
-    keep = [g for i, gens in decoded.items() for g in gens
-            if settings.lossless or i == chosen or candidates[i].method == "ar"]
+    chosen = max((i for i in (chosen, best_ar) if trusted(i)), key=key)
+    keep = [g for i, gens in decoded.items() for g in gens if settings.lossless or i == chosen]
     return candidates, chosen, best_ar, keep
 
 
 def _widen(model: torch.nn.Module, settings: DecodeSettings, costs: dict[tuple[int, int], float],
            candidates_for, batches: list[int], widest: int, context: int) -> dict[tuple[int, int], float]:
     """Measure wider passes where they could matter: at each batch size whose best speculative candidate, priced
-    with the widest pass measured there (a lower bound of a wider pass's cost), beats AR's best, the next token
-    count of TOKEN_POINTS up to `widest` (the tokens a row fed a pass at batch 1, rounded up to a point: no row
-    feeds more), until none could (on a CPU one more token a row soon costs more than the drafts gain)."""
+    with the passes measured there (extrapolated beyond the widest: `cost`), beats AR's best, the next token count
+    of TOKEN_POINTS up to `widest` (the tokens a row fed a pass at batch 1, rounded up to a point: no row feeds
+    more), until none could (on a CPU the second token a row already costs more than the drafts gain)."""
     while True:
         candidates = candidates_for(costs)
         best_ar = max(c.tokens_per_s for c in candidates if c.method == "ar")

@@ -76,6 +76,13 @@ def test_on_a_gpu_drafting_pays_at_every_batch_and_the_largest_wins() -> None:
     assert {c.batch_size for c in candidates if c.method == "cmasd"} == set(batches)  # no cap on the budget
 
 
+def test_a_pass_wider_than_those_measured_costs_along_the_last_step() -> None:
+    measured = {(2, 1): 1.0, (2, 2): 1.5, (4, 1): 2.0}
+    assert cost(measured, 2, 1.5) == pytest.approx(1.25)  # interpolated
+    assert cost(measured, 2, 4) == pytest.approx(1.5 + 2 * 0.5)  # extrapolated along (2, 1) -> (2, 2)
+    assert cost(measured, 4, 3) == 2.0  # one width measured: its cost
+
+
 def test_the_batch_is_bounded_by_memory_and_the_largest_shard() -> None:
     assert batches_within(64, kv_row_mb=10.0, free_mb=1000.0) == [1, 2, 4, 8, 16, 32, 50]  # 0.5 x 1000 / 10
     assert batches_within(12, kv_row_mb=10.0, free_mb=1e6) == [1, 2, 4, 8, 12]

@@ -88,7 +88,7 @@ def test_a_tuned_job_explains_its_choice_and_decodes_as_ar(tmp_path: Path, tiny_
 
 
 def test_objective_latency_decodes_one_document_at_a_time(tmp_path: Path, tiny_target: Path, ray_local: str) -> None:
-    docs = articles(8)  # 4 shards of 2: each actor's first shard has one document besides its sample
+    docs = articles(8)  # shards of 2 or 3: each actor's first shard has a document besides its sample
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
     spec = job_spec(corpus, tiny_target, tmp_path / "runs", objective="latency").with_("decode", stop=unique_stop())
     done = submit(spec, observer=Recorder())
@@ -96,8 +96,11 @@ def test_objective_latency_decodes_one_document_at_a_time(tmp_path: Path, tiny_t
     tuning = done.summary["tuning"]
     assert tuning["objective"] == "latency" and tuning["chosen"]["batch_size"] == 1
     assert tuning["ar"]["label"] == "ar b1"
-    # AR's time was confirmed by a real decode of that document (kept as its output), the job's baseline
-    assert tuning["ar"]["measured"] and tuning["ar"]["predicted_tokens_per_s"] is not None
+    if tuning["chosen"]["method"] != "ar":  # (the actors time with the wall clock: either may win)
+        # AR's time was confirmed by a real decode of that document (kept as its output): the job's baseline
+        assert tuning["ar"]["measured"] and tuning["ar"]["predicted_tokens_per_s"] is not None
+    else:
+        assert tuning["speedup_vs_ar"] == 1.0  # AR chosen: it is its own baseline, nothing decoded again
     assert done.summary["baseline"]["docs"] == 0 and done.summary["overall"]["speedup_vs_ar"] == tuning["speedup_vs_ar"]
 
 
