@@ -27,9 +27,10 @@ chosen from costs measured on the machine that decodes it and acceptance measure
    one document: batch 1, the only batch it measures). Memory bounds the batch: the KV cache of its rows, at the
    longest prompt, within MEMORY_FRACTION of the memory free on the device.
 5. A speculative pick is confirmed by real decodes of further documents (`_confirm`: it and AR at AR's best batch,
-   a batch each; a speculative candidate at a batch > 1 is chosen only once confirmed). Those documents keep their
-   outputs, the measured speed replaces the prediction, and the faster is chosen. AR's pick is not decoded again:
-   its prediction is its measured passes'.
+   a batch each; a speculative candidate at a batch > 1 is chosen only once confirmed, and is confirmed only where
+   predicted SPECULATIVE_MARGIN faster than AR's best). Those documents keep their outputs, the measured speed
+   replaces the prediction, and the faster is chosen. AR's pick is not decoded again: its prediction is its
+   measured passes'.
 
 A plan is kept on disk (`$CMSD_CACHE/plans/`) per machine, model, drafter, decode settings, objective and largest
 batch, and reused until the code or torch / transformers change (`plan_key`). What is timed goes through
@@ -67,6 +68,8 @@ TUNE_SHARE = 0.1  # of the predicted time of an actor's documents, the most its 
 ALTERNATIVE_MIN_TOKENS = 16  # another drafter than the job's own decodes half the new tokens, at least this many
 RELAXED_MIN_AGREEMENT = 0.4  # relaxed verification: a candidate's agreement with AR (the nightly's floor) ...
 RELAXED_MAX_QUALITY_LOSS = 5.0  # ... and chrF points below AR's against the references (the nightly's floor)
+SPECULATIVE_MARGIN = 0.15  # a speculative batch > 1 must be predicted this much faster than AR's best to be timed
+#                            wider or confirmed (its predictions ran up to 37% high on a 2-core CPU: README)
 
 
 @dataclass(frozen=True)
@@ -457,11 +460,14 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
         return candidates, chosen, best_ar, []  # AR's prediction is its measured passes': nothing to confirm
     pool = [i for i, c in enumerate(candidates) if (c.arm in allowed or c.method == "ar") and
             (objective == "throughput" or c.batch_size == 1)]
-    fits = [i for i in pool if trusted(i) or candidates[i].batch_size <= len(prompts)]
+    promising = (1 + SPECULATIVE_MARGIN) * key(best_ar)
+    fits = [i for i in pool if trusted(i) or candidates[i].batch_size <= len(prompts) and key(i) >= promising]
     if chosen not in fits:
-        notes.append(f"{candidates[chosen].label} (predicted {candidates[chosen].tokens_per_s:.1f} tokens/s) not "
-                     f"chosen: a real decode must confirm it first and it needs {candidates[chosen].batch_size} "
-                     f"documents, {len(prompts)} were left for it")
+        c = candidates[chosen]
+        notes.append(f"{c.label} (predicted {c.tokens_per_s:.1f} tokens/s) not chosen: " + (
+            f"a real decode must confirm it first and it needs {c.batch_size} documents, {len(prompts)} were "
+            "left for it" if key(chosen) >= promising else f"a speculative batch > 1 is confirmed only where "
+            f"predicted {1 + SPECULATIVE_MARGIN:.2f}x AR's best ({candidates[best_ar].label}) or more"))
         chosen = max(fits, key=key)
     used, decoded = 0, {}
     for i in [chosen, best_ar] if candidates[chosen].method != "ar" else []:
@@ -486,9 +492,10 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
 def _widen(model: torch.nn.Module, settings: DecodeSettings, costs: dict[tuple[int, int], float],
            candidates_for, batches: list[int], widest: int, context: int) -> dict[tuple[int, int], float]:
     """Measure wider passes where they could matter: at each batch size whose best speculative candidate, priced
-    with the passes measured there (extrapolated beyond the widest: `cost`), beats AR's best, the next token count
-    of TOKEN_POINTS up to `widest` (the tokens a row fed a pass at batch 1, rounded up to a point: no row feeds
-    more), until none could (on a CPU the second token a row already costs more than the drafts gain)."""
+    with the passes measured there (extrapolated beyond the widest: `cost`), beats AR's best by SPECULATIVE_MARGIN
+    (else it could not be chosen: `_confirm`), the next token count of TOKEN_POINTS up to `widest` (the tokens a
+    row fed a pass at batch 1, rounded up to a point: no row feeds more), until none could (on a CPU the second
+    token a row already costs more than the drafts gain)."""
     while True:
         candidates = candidates_for(costs)
         best_ar = max(c.tokens_per_s for c in candidates if c.method == "ar")
@@ -497,7 +504,7 @@ def _widen(model: torch.nn.Module, settings: DecodeSettings, costs: dict[tuple[i
             spec = max((c.tokens_per_s for c in candidates if c.method != "ar" and c.batch_size == b), default=0.0)
             measured = max(t for r, t in costs if r == b)
             wider = next((t for t in TOKEN_POINTS if measured < t <= widest), None)
-            if spec > best_ar and wider is not None:
+            if spec > (1 + SPECULATIVE_MARGIN) * best_ar and wider is not None:
                 todo.append((b, wider))
         if not todo:
             return costs

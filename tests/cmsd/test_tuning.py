@@ -368,3 +368,13 @@ def test_relaxed_verification_keeps_the_nightlys_floors() -> None:
     assert "chrF" in tuning._refused(replace(SAMPLE, agreement=0.9), relaxed, 6.0)
     assert tuning._refused(replace(SAMPLE, agreement=0.9), relaxed, None) is None  # no reference: agreement alone
     assert "not the target's greedy output" in tuning._refused(replace(SAMPLE, identical=False), DecodeSettings(), None)
+
+
+def test_a_speculative_batch_predicted_barely_faster_than_ar_is_neither_confirmed_nor_chosen() -> None:
+    ar = tuning.Candidate("ar", None, 8, 100.0, 1.0, 1.0, None, 1.0, 10.0, False)
+    spec = replace(ar, method="cmasd", drafter="ngram", tokens_per_s=110.0, drafts_per_row=2)  # under the margin
+    spare = ([[1, 2, 3]] * 16, [f"d{i}" for i in range(16)])  # enough documents to confirm it
+    notes: list[str] = []
+    candidates, chosen, _, kept = tuning._confirm(None, DecodeSettings(), [ar, spec], 1, 0, BOTH, "throughput",
+                                                  spare, notes)  # (no decode runs: no model is needed)
+    assert candidates[chosen].label == "ar b8" and kept == [] and "1.15x AR's best" in notes[0]
