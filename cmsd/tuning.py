@@ -2,8 +2,8 @@
 chosen from costs measured on the machine that decodes it and acceptance measured on the corpus's own documents.
 
 1. The target's cost of one decode pass per (rows, tokens a row) is measured (cmsd.kernels.step_costs; once per
-   machine and model, kept on disk): one token a row at every batch size, and every width at batch 1. It runs
-   first: it also warms the model up for the timings after it.
+   machine and model, kept on disk): one token a row at every batch size first (it also warms the model up for
+   the timings after it), then at batch 1 each width up to what the sample's decodes fed a pass.
 2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
    with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
    target is calibrated (`alternatives`); each drafts up to k_max a pass. The sample's outputs are the documents'
@@ -367,8 +367,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
     context = _bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2)
     costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
-        [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
-        shapes(batches, settings.verify_tokens, k_max, True)) if arms else [(b, 1) for b in batches], context)
+        shapes(batches, settings.verify_tokens, k_max, True) if arms and not search else []), context)
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
     if not arms:
@@ -406,6 +405,12 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
         else:
             allowed.add(arm)
 
+    if search:  # batch 1's passes as wide as the samples fed (no row feeds more; the arms' fits need them)
+        fed = max((1 + s.drafted / s.iterations for s in samples.values() if s.iterations), default=1.0)
+        widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
+        costs = {**costs, **_pass_costs(model, settings, [(1, t) for t in TOKEN_POINTS if t <= widest], context)}
+        phase("batch 1's passes")
+
     def candidates_for(costs: dict[tuple[int, int], float]) -> list[Candidate]:
         return predict_ar(costs, samples[arms[0]], batches, row_mb) + [
             c for arm, sample in samples.items() for c in predict(
@@ -414,8 +419,6 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
 
     candidates = candidates_for(costs)
     if search and objective == "throughput":
-        fed = max((1 + s.drafted / s.iterations for s in samples.values() if s.iterations), default=1.0)
-        widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
         confirmable = [b for b in batches if b <= len(spare[0])]  # (a speculative batch > 1 is chosen confirmed)
         candidates = candidates_for(_widen(model, settings, costs, candidates_for, confirmable, widest, context))
         phase("wider passes")

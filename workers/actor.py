@@ -33,10 +33,11 @@ class ShardWorker:
         self._pair = load_pair(target=config.target, drafter=config.drafter, device=config.device,
                                dtype=config.dtype, load_format=config.load_format)
         self._decoder = Decoder(self._pair, config.decode)
-        self._decoder.prepare()  # its one-time cost measurement: part of loading, never of a shard's decode time
         if config.tune and self._pair.target.is_encoder_decoder:  # its pass costs are a decoder-only state's
             logging.getLogger(__name__).warning("an encoder-decoder target: no tuning, decoding as the spec says")
             config = replace(config, tune=None)
+        if not config.tune:  # (a tuned actor's decoders are made, and measure what they need, once it has tuned)
+            self._decoder.prepare()  # its one-time cost measurement: part of loading, never of a shard's decode time
         self._config = config
         self._ar: Decoder | None = None  # AR on the same target, for a shard's baseline documents
         self._plan = None  # the tuned plan (cmsd.tuning.Plan), once decided (config.tune)
