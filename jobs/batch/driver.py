@@ -217,12 +217,14 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
 def tune_config(spec: JobSpec, rows: list[int]) -> TuneConfig | None:
     """What the actors tune with (None: execution.tune off), from the rows of every shard of the job (a resumed job
     keeps its plan's key): a sample that grows with the documents each actor decodes (1 for a few dozen, at most
-    TUNE_SAMPLE_MAX), batches up to the largest shard."""
+    TUNE_SAMPLE_MAX; for `latency` TUNE_SAMPLE_MAX: its sample decodes at batch 1 are the documents' own decodes,
+    so a larger sample costs nothing but each document's greedy check), batches up to the largest shard."""
     if not spec.execution.tune or not rows:
         return None
     per_actor = sum(rows) // spec.execution.actors
     return TuneConfig(objective=spec.execution.objective, task=spec.task.name,
-                      sample=max(1, min(TUNE_SAMPLE_MAX, per_actor // TUNE_DOCS_PER_SAMPLE)), max_batch=max(rows),
+                      sample=TUNE_SAMPLE_MAX if spec.execution.objective == "latency" else
+                      max(1, min(TUNE_SAMPLE_MAX, per_actor // TUNE_DOCS_PER_SAMPLE)), max_batch=max(rows),
                       docs=per_actor)
 
 
