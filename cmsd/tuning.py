@@ -2,15 +2,17 @@
 chosen from costs measured on the machine that decodes it and acceptance measured on the corpus's own documents.
 
 1. The target's cost of one decode pass per (rows, tokens a row) is measured (cmsd.kernels.step_costs; once per
-   machine and model, kept on disk): one token a row at every batch size first (it also warms the model up for
-   the timings after it), then at batch 1 each width up to what the sample's decodes fed a pass.
+   machine and model, kept on disk): one token a row at every batch size, and every width at batch 1. It runs
+   first: it also warms the model up for the timings after it.
 2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
    with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
-   target is calibrated (`alternatives`); each drafts up to k_max a pass. The sample's outputs are the documents'
-   outputs (a document decoded while tuning is not decoded again). The target's prefill of each sample prompt is
-   timed, and under strict greedy verification one more pass of the target over each arm's output checks that it
-   is the target's greedy output token for token (AR's output: the check strict verification makes, over the whole
-   output at once, instead of a second decode); an arm that fails it does not compete. Under relaxed verification
+   target is calibrated (`alternatives`); each with the verify budget the decoder's automatic rule gives on those
+   passes (the widest costing at most MAX_PASS_COST single steps, at least 2: a few tokens on a CPU, k_max + 1 on a
+   GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
+   The target's prefill of each sample prompt is timed, and under strict greedy verification one more pass of the
+   target over each arm's output checks that it is the target's greedy output token for token (AR's output: the
+   check strict verification makes, over the whole output at once, instead of a second decode); an arm that fails
+   it does not compete. Under relaxed verification
    the sample is decoded by AR too, and an arm must keep the floors `cmsd-jobs eval` gates on: agreement with AR
    (RELAXED_MIN_AGREEMENT) and chrF against the references (RELAXED_MAX_QUALITY_LOSS). Where the job's method is AR,
    the sample is decoded by AR alone.
@@ -53,7 +55,7 @@ import torch
 from transformers import DynamicCache
 
 from cmsd import kernels
-from cmsd.decode import Decoder, Generation
+from cmsd.decode import MAX_PASS_COST, Decoder, Generation
 from cmsd.drafters.head import HEAD_DRAFTER, SHIPPED, FeatureHead, HeadError, names_head, shipped_head
 from cmsd.drafters.selfspec import SelfSpecPlan, calibration_path, check_self_draftable
 from cmsd.identity import cache_dir, fingerprint
@@ -367,7 +369,12 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
     context = _bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2)
     costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
-        shapes(batches, settings.verify_tokens, k_max, True) if arms and not search else []), context)
+        [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
+        shapes(batches, settings.verify_tokens, k_max, True)) if arms else [(b, 1) for b in batches], context)
+    # the samples' verify budget, where searched: the decoder's automatic rule on the measured passes (the widest
+    # pass at batch 1 that, and every narrower one, costs at most MAX_PASS_COST single steps)
+    sampled = max(2, next((n - 1 for n in range(2, k_max + 2) if cost(costs, 1, n) > MAX_PASS_COST * costs[1, 1]),
+                          1 + k_max)) if search and arms else 0
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
     if not arms:
@@ -394,7 +401,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                              f"tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
                              f"{budget / TUNE_SHARE:.0f} s")
                 continue
-        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short, search)
+        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short, sampled)
         sample, outputs[arm] = _measure_arm(decoder, model, prompts, ids, ar)
         new = new or sample.new_tokens / sample.docs  # the own arm's: the documents' whole length
         samples[arm], spent = sample, spent + (sample.spec_s or 0.0)
@@ -405,12 +412,6 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
         else:
             allowed.add(arm)
 
-    if search:  # batch 1's passes as wide as the samples fed (no row feeds more; the arms' fits need them)
-        fed = max((1 + s.drafted / s.iterations for s in samples.values() if s.iterations), default=1.0)
-        widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
-        costs = {**costs, **_pass_costs(model, settings, [(1, t) for t in TOKEN_POINTS if t <= widest], context)}
-        phase("batch 1's passes")
-
     def candidates_for(costs: dict[tuple[int, int], float]) -> list[Candidate]:
         return predict_ar(costs, samples[arms[0]], batches, row_mb) + [
             c for arm, sample in samples.items() for c in predict(
@@ -419,6 +420,8 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
 
     candidates = candidates_for(costs)
     if search and objective == "throughput":
+        fed = max((1 + s.drafted / s.iterations for s in samples.values() if s.iterations), default=1.0)
+        widest = min([t for t in TOKEN_POINTS if t >= min(fed, 1 + k_max)] or [max(TOKEN_POINTS)])
         confirmable = [b for b in batches if b <= len(spare[0])]  # (a speculative batch > 1 is chosen confirmed)
         candidates = candidates_for(_widen(model, settings, costs, candidates_for, confirmable, widest, context))
         phase("wider passes")
@@ -558,11 +561,11 @@ def _quality_loss(pair: ModelPair, gens: list[Generation], ar: list[Generation],
 
 
 def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int,
-                 widest: bool) -> Decoder:
+                 verify_tokens: int) -> Decoder:
     """The decoder that measures one arm on the sample: batch 1, traced, with its one-time measurements taken;
-    widest: its drafts go up to k_max (the share the search may give it; else the verify budget's)."""
+    verify_tokens: its budget (0: the spec's)."""
     method, drafter = arm
-    changes = {"verify_tokens": 1 + settings.control.k_max} if widest else {}
+    changes = {"verify_tokens": verify_tokens} if verify_tokens else {}
     decoder = Decoder(pair_for(pair, drafter), settings.with_(method=method, batch_size=1, trace=True,
                                                               max_new_tokens=new_tokens, **changes))
     decoder.prepare()
