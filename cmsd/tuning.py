@@ -6,9 +6,8 @@ chosen from costs measured on the machine that decodes it and acceptance measure
    first: it also warms the model up for the timings after it.
 2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
    with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
-   target is calibrated (`alternatives`); each with the verify budget the decoder's automatic rule gives on those
-   passes (the widest costing at most MAX_PASS_COST single steps, at least 2: a few tokens on a CPU, k_max + 1 on a
-   GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
+   target is calibrated (`alternatives`); each with the decoder's own verify budget (where the spec sets none, the
+   automatic one: the widest pass costing at most 1.3 single steps, a few tokens on a CPU, none on a GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
    The target's prefill of each sample prompt is timed, and under strict greedy verification one more pass of the
    target over each arm's output checks that it is the target's greedy output token for token (AR's output: the
    check strict verification makes, over the whole output at once, instead of a second decode); an arm that fails
@@ -55,7 +54,7 @@ import torch
 from transformers import DynamicCache
 
 from cmsd import kernels
-from cmsd.decode import MAX_PASS_COST, Decoder, Generation
+from cmsd.decode import Decoder, Generation
 from cmsd.drafters.head import HEAD_DRAFTER, SHIPPED, FeatureHead, HeadError, names_head, shipped_head
 from cmsd.drafters.selfspec import SelfSpecPlan, calibration_path, check_self_draftable
 from cmsd.identity import cache_dir, fingerprint
@@ -371,10 +370,6 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
         [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
         shapes(batches, settings.verify_tokens, k_max, True)) if arms else [(b, 1) for b in batches], context)
-    # the samples' verify budget, where searched: the decoder's automatic rule on the measured passes (the widest
-    # pass at batch 1 that, and every narrower one, costs at most MAX_PASS_COST single steps)
-    sampled = max(2, next((n - 1 for n in range(2, k_max + 2) if cost(costs, 1, n) > MAX_PASS_COST * costs[1, 1]),
-                          1 + k_max)) if search and arms else 0
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
     if not arms:
@@ -401,7 +396,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                              f"tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
                              f"{budget / TUNE_SHARE:.0f} s")
                 continue
-        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short, sampled)
+        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short)
         sample, outputs[arm] = _measure_arm(decoder, model, prompts, ids, ar)
         new = new or sample.new_tokens / sample.docs  # the own arm's: the documents' whole length
         samples[arm], spent = sample, spent + (sample.spec_s or 0.0)
@@ -560,14 +555,13 @@ def _quality_loss(pair: ModelPair, gens: list[Generation], ar: list[Generation],
     return chrf([h for _, h, _ in pairs]) - chrf([g for g, _, _ in pairs])
 
 
-def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int,
-                 verify_tokens: int) -> Decoder:
-    """The decoder that measures one arm on the sample: batch 1, traced, with its one-time measurements taken;
-    verify_tokens: its budget (0: the spec's)."""
+def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int
+                 ) -> Decoder:
+    """The decoder that measures one arm on the sample: batch 1, traced, with its one-time measurements taken (the
+    automatic verify budget's among them, where the spec sets none)."""
     method, drafter = arm
-    changes = {"verify_tokens": verify_tokens} if verify_tokens else {}
     decoder = Decoder(pair_for(pair, drafter), settings.with_(method=method, batch_size=1, trace=True,
-                                                              max_new_tokens=new_tokens, **changes))
+                                                              max_new_tokens=new_tokens))
     decoder.prepare()
     return decoder
 

@@ -158,7 +158,12 @@ def tuning_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
     if not plans:
         return None
     order = sorted(plans, key=lambda actor: (plans[actor]["source"] != "measured", actor))
-    return {**plans[order[0]], "actors": {actor: plan["chosen"]["label"] for actor, plan in sorted(plans.items())}}
+    shown = plans[order[0]]
+    notes = shown.get("notes", []) + [f"actor {actor}: {note}" for actor in order[1:]
+                                      for note in plans[actor].get("notes", []) if note not in shown.get("notes", [])]
+    # (why another actor chose apart)
+    return {**shown, "notes": notes,
+            "actors": {actor: plan["chosen"]["label"] for actor, plan in sorted(plans.items())}}
 
 
 def _run_numbers(run: dict[str, Any] | None, overall: dict[str, Any]) -> dict[str, Any] | None:
