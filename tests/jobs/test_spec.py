@@ -70,21 +70,22 @@ def test_an_unreadable_spec_file_is_bad_input(tmp_path: Path) -> None:
         load_spec_file(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("method, batch, baseline, rows, expected", [
-    ("cmasd", 8, 8, [64] * 4, {0: 8}),  # one group at the job's batch size
-    ("cmasd", 1, 8, [64] * 4, {0: 2, 1: 2, 2: 2, 3: 2}),  # groups of 1 spread over the shards
-    ("cmasd", 4, 12, [64] * 6, {0: 4, 2: 4, 4: 4}),
-    ("cmasd", 8, 8, [3, 3], {0: 3}),  # never more than a shard has
-    ("cmasd", 8, 0, [64] * 4, {}),  # --baseline 0
-    ("ar", 8, 8, [64] * 4, {}),  # AR has nothing to compare with
+@pytest.mark.parametrize("method, batch, baseline, rows, expected, tune", [
+    ("cmasd", 8, 8, [64] * 4, {0: 8}, False),  # one group at the job's batch size
+    ("cmasd", 1, 8, [64] * 4, {0: 2, 1: 2, 2: 2, 3: 2}, False),  # groups of 1 spread over the shards
+    ("cmasd", 4, 12, [64] * 6, {0: 4, 2: 4, 4: 4}, False),
+    ("cmasd", 8, 8, [3, 3], {0: 3}, False),  # never more than a shard has
+    ("cmasd", 8, 0, [64] * 4, {}, False),  # --baseline 0
+    ("ar", 8, 8, [64] * 4, {}, False),  # AR has nothing to compare with
+    ("cmasd", 8, 8, [64] * 4, {}, True),  # a tuned job's comparison is its tuning's: nothing decoded twice
 ])
 def test_baseline_documents_are_planned_per_shard(method: str, batch: int, baseline: int, rows: list[int],
-                                                  expected: dict[int, int]) -> None:
+                                                  expected: dict[int, int], tune: bool) -> None:
     from types import SimpleNamespace
 
     from jobs.batch.lifecycle import baseline_plan
 
     spec = JobSpec.from_dict({"corpus": {"path": "docs.jsonl"}, "decode": {"method": method, "batch_size": batch},
-                              "execution": {"baseline": baseline}})
+                              "execution": {"baseline": baseline, "tune": tune}})
     manifest = SimpleNamespace(shards=[SimpleNamespace(index=i, rows=n) for i, n in enumerate(rows)])
     assert baseline_plan(spec, manifest) == expected
