@@ -252,13 +252,17 @@ def choose(candidates: list[Candidate], objective: str, allowed: set[tuple[str, 
     """(chosen, AR's best): by tokens a second, or by one document's time at batch 1 for `latency`; `allowed`: the
     arms (method, drafter) that may be chosen besides AR (lossless, or within the agreement floor)."""
     def key(i: int) -> float:
-        c = candidates[i]
-        return -c.tokens_per_s if objective == "throughput" else c.doc_s
+        return speed(candidates[i], objective)
 
     pool = [i for i, c in enumerate(candidates) if (objective == "throughput" or c.batch_size == 1)]
-    chosen = min((i for i in pool if candidates[i].arm in allowed | {("ar", None)}), key=key)
-    ar = min((i for i in pool if candidates[i].method == "ar"), key=key)
+    chosen = max((i for i in pool if candidates[i].arm in allowed | {("ar", None)}), key=key)
+    ar = max((i for i in pool if candidates[i].method == "ar"), key=key)
     return chosen, ar
+
+
+def speed(candidate: Candidate, objective: str) -> float:
+    """What the objective maximizes: tokens a second, or documents a second at batch 1 for `latency`."""
+    return candidate.tokens_per_s if objective == "throughput" else 1 / candidate.doc_s
 
 
 def batches_within(max_batch: int, kv_row_mb: float, free_mb: float) -> list[int]:
@@ -450,8 +454,7 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
     the decodes the job keeps: both under strict verification (every lossless output is the target's own), else
     the chosen configuration's."""
     def key(i: int) -> float:
-        c = candidates[i]
-        return c.tokens_per_s if objective == "throughput" else 1 / c.doc_s
+        return speed(candidates[i], objective)
 
     def trusted(i: int) -> bool:  # measured, or predicted from passes alone (AR) or from its own batch (batch 1)
         return candidates[i].measured or candidates[i].method == "ar" or candidates[i].batch_size == 1
