@@ -235,7 +235,7 @@ def _time_forwards(model: nn.Module, width: int, repeats: int, context: int) -> 
     timings: dict[int, list[float]] = {n: [] for n in range(1, width + 1)}
     config = model.config.get_text_config(decoder=True)
     length = max(1, min(context, getattr(config, "max_position_embeddings", context) - width - 1))
-    state = HoleyState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
+    state = _TimingState(model, [[i % config.vocab_size for i in range(length)]], length + width + 8)
     ids = {n: torch.zeros(1, n, dtype=torch.long, device=model.device) for n in timings}
 
     def verify_pass(n: int) -> None:
@@ -297,7 +297,7 @@ def _time_steps(model: nn.Module, shapes: list[tuple[int, int]], context: int, r
     # the rows of a batch have prompts of different lengths, so the shorter ones' caches start with holes and the
     # mask is applied (a row alone has none: its steps skip the mask): a row and one 8 tokens shorter, copied to the
     # batch's rows in turn, the whole one alone for one row
-    state = HoleyState(model, [prompt, prompt[:max(1, length - 8)]], length + width + 8)
+    state = _TimingState(model, [prompt, prompt[:max(1, length - 8)]], length + width + 8)
     seconds, held = {}, [0, 1]  # the prompt (0: the whole, 1: the shorter) each row of the state holds
     with torch.inference_mode():
         for rows, tokens in sorted(shapes, key=lambda s: (s[0] == 1, s)):  # one row last (the shorter goes then)
@@ -317,6 +317,26 @@ def _time_steps(model: nn.Module, shapes: list[tuple[int, int]], context: int, r
     log.info("step cost for (rows, tokens) %s: %s s (timed in %.1f s)", shapes, " ".join(f"{c:.4f}" for c in out),
              time.perf_counter() - started)
     return out
+
+
+class _TimingState(HoleyState):
+    """A HoleyState for timing passes: each prompt's cache is its first TIMING_PREFIX tokens' keys and values,
+    repeated to the prompt's length. A pass attends over the whole cache whatever it holds, and a real prefill of a
+    long context would cost more than the passes it serves (seconds at one thread for two 512-token rows)."""
+
+    def _prefill(self, row: int, prompt: list[int], cache) -> None:
+        head = prompt[:TIMING_PREFIX]
+        self.model(input_ids=torch.tensor([head], device=self.mask.device), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        for layer in cache.layers:
+            repeats = -(-len(prompt) // len(head)) - 1
+            if repeats:
+                keys, values = (t.repeat(1, 1, repeats, 1)[:, :, :len(prompt) - len(head)]
+                                for t in (layer.keys, layer.values))
+                layer.update(keys, values)
+
+
+TIMING_PREFIX = 16  # the tokens a timing state really prefills (`_TimingState`)
 
 
 @contextmanager

@@ -166,7 +166,7 @@ class DecodeSettings:
     verify_tokens: int = 0  # the most tokens one verify pass carries (rows x (1 + drafts)): a row drafts at most
     #                         verify_tokens // rows - 1; 0 = auto: on CPU the widest pass that costs at most 1.3
     #                         single steps by the forward costs measured at the first decode (4 for an
-    #                         encoder-decoder), no limit on a GPU
+    #                         encoder-decoder; a single row's tree is cut by those costs instead), no limit on a GPU
     confidence: ConfidenceSettings = field(default_factory=ConfidenceSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
     margin: MarginSettings = field(default_factory=MarginSettings)

@@ -3,11 +3,14 @@ chosen from costs measured on the machine that decodes it and acceptance measure
 
 1. The target's cost of one decode pass per (rows, tokens a row) is measured (cmsd.kernels.step_costs; once per
    machine and model, kept on disk): one token a row at every batch size, and every width at batch 1. It runs
-   first: it also warms the model up for the timings after it.
+   first: it also warms the model up for the timings after it. On a CPU the batch-1 widths up to MAX_PASS are the
+   decoders' cost curve (their automatic verify budget and a single row's tree cut: the tuning's decoders and the
+   plan's get it, measured at the corpus's own context, and measure none of their own).
 2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
    with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
    target is calibrated (`alternatives`); each with the decoder's own verify budget (where the spec sets none, the
-   automatic one: the widest pass costing at most 1.3 single steps, a few tokens on a CPU, none on a GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
+   automatic one: a single row's tree drafts as far as its cut by the cost curve finds worth it, a chain the widest
+   pass costing at most 1.3 single steps; no limit on a GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
    The target's prefill of each sample prompt is timed, and under strict greedy verification one more pass of the
    target over each arm's output checks that it is the target's greedy output token for token (AR's output: the
    check strict verification makes, over the whole output at once, instead of a second decode); an arm that fails
@@ -23,7 +26,7 @@ chosen from costs measured on the machine that decodes it and acceptance measure
    searched from 1 to k_max at each batch size (the verify budget it sets is b (1 + s)), or is the spec's budget's share
    (verify_tokens // b - 1, the decoder's own rule) where decode.verify_tokens is set. Wider passes at a batch size
    are measured only while a speculative candidate there could beat AR (`_widen`). Each arm at batch 1 is its own
-   measurement (D is fitted there): those candidates are marked measured.
+   measurement at its own share (D is fitted there): those candidates are marked measured.
 4. The objective picks: `throughput` (the most tokens a second, prefill included) or `latency` (the least time for
    one document: batch 1, the only batch it measures). Memory bounds the batch: the KV cache of its rows, at the
    longest prompt, within MEMORY_FRACTION of the memory free on the device.
@@ -54,7 +57,7 @@ import torch
 from transformers import DynamicCache
 
 from cmsd import kernels
-from cmsd.decode import Decoder, Generation
+from cmsd.decode import MAX_PASS, Decoder, Generation
 from cmsd.drafters.head import HEAD_DRAFTER, SHIPPED, FeatureHead, HeadError, names_head, shipped_head
 from cmsd.drafters.selfspec import SelfSpecPlan, calibration_path, check_self_draftable
 from cmsd.identity import cache_dir, fingerprint
@@ -113,6 +116,8 @@ class Plan:
     source: str = "measured"  # measured | reused
     notes: list[str] = field(default_factory=list)  # why candidates were left out
     phases: dict[str, float] = field(default_factory=dict)  # seconds of each step of the tuning (wall clock)
+    pass_costs: tuple[float, ...] = ()  # a pass over 1..MAX_PASS tokens at batch 1, in 1-token passes (measured on
+    #                                     CPU at the corpus's context: the decoders' automatic budget and tree cut)
 
     @property
     def best(self) -> Candidate:
@@ -128,7 +133,7 @@ class Plan:
                 "speedup_vs_ar": self.best.tokens_per_s / self.candidates[self.ar].tokens_per_s
                 if self.objective == "throughput" else self.candidates[self.ar].doc_s / self.best.doc_s,
                 "seconds": self.seconds, "measured_at": self.measured_at, "source": self.source, "notes": self.notes,
-                "phases": self.phases}
+                "phases": self.phases, "pass_costs": list(self.pass_costs)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -137,7 +142,7 @@ class Plan:
         labels = [c.label for c in candidates]
         return cls(data["objective"], candidates, labels.index(data["chosen"]["label"]),
                    labels.index(data["ar"]["label"]), data["seconds"], data["measured_at"], data["source"],
-                   data["notes"], data.get("phases", {}))
+                   data["notes"], data.get("phases", {}), tuple(data.get("pass_costs", ())))
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ class Sample:
     iterations: int = 0  # the speculative decode's verify passes
     drafted: int = 0
     runs: tuple[int, ...] = ()  # drafts accepted in each of its passes
+    share: int = 0  # the most its decoder let a row draft a pass (Decoder.share at batch 1)
     agreement: float | None = None  # of its tokens with AR's
     identical: bool = True
 
@@ -172,10 +178,11 @@ def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, dr
     decode (the module's docstring, step 3); none where the sample did not draft. new: a document's new tokens
     (default: the sample's; an arm measured on a shorter decode is predicted for the documents' whole length);
     drafter_s: the drafter's cost per row and pass (default: fitted to the sample's decode, whose batch-1
-    candidate is then measured; cmsd.projection gives it in the costs instead); search: each batch size's share
-    of drafts a row carries is searched (1 up to the verify budget's share or k_max), the fastest kept, else the
-    share is the budget's. Beyond the widest pass measured at a batch size a pass costs as that one: an
-    optimistic bound, which `tune` narrows by measuring wider passes where the bound could win."""
+    candidate is then measured: the sample's own decode, at its own share; cmsd.projection gives it in the costs
+    instead); search: each other batch size's share of drafts a row carries is searched (1 up to the verify
+    budget's share or k_max), the fastest kept, else the share is the budget's. Beyond the widest pass measured at
+    a batch size a pass is extrapolated (`cost`), which `tune` narrows by measuring wider passes where it could
+    win."""
     fitted = drafter_s is None
     if not sample.iterations or (fitted and sample.spec_s is None):
         return []
@@ -201,7 +208,8 @@ def predict(costs: dict[tuple[int, int], float], sample: Sample, method: str, dr
     out = []
     for b in batches:
         cap = min(verify_tokens // b - 1 if verify_tokens else k_max, k_max)
-        options = [at(b, share) for share in (range(1, cap + 1) if search else [cap]) if share > 0]
+        shares = [sample.share] if fitted and b == 1 and sample.share else range(1, cap + 1) if search else [cap]
+        options = [at(b, share) for share in shares if share > 0]
         if options:  # else no draft at this batch: it decodes as AR
             out.append(max(options, key=lambda c: c.tokens_per_s))
     return out
@@ -371,9 +379,12 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * k_max + 8)
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
     context = _bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2)
+    curve = arms and search and pair.device.type == "cpu"  # the decoders' cost curve, from these passes
     costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
         [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
-        shapes(batches, settings.verify_tokens, k_max, True)) if arms else [(b, 1) for b in batches], context)
+        shapes(batches, settings.verify_tokens, k_max, True)) + (
+        [(1, t) for t in range(1, MAX_PASS + 1)] if curve else []) if arms else [(b, 1) for b in batches], context)
+    curve = tuple(costs[1, t] / costs[1, 1] for t in range(1, MAX_PASS + 1)) if curve else ()
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
     if not arms:
@@ -383,7 +394,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                                 row_mb)
         phase("sample decode")
         chosen, best_ar = choose(candidates, objective, set())
-        return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept)
+        return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases, curve), kept)
     ar: list[Generation] = []
     if not settings.lossless:  # relaxed: each arm's agreement with AR's own decode
         ar = _timed_decode(ar_decoder, prompts, ids, "ar")[1]
@@ -400,7 +411,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                              f"tuning past {TUNE_SHARE:.0%} of the {docs} documents' predicted "
                              f"{budget / TUNE_SHARE:.0f} s")
                 continue
-        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short)
+        decoder = _arm_decoder(pair, arm, settings, settings.max_new_tokens if not samples else short, curve)
         sample, outputs[arm] = _measure_arm(decoder, model, prompts, ids, ar)
         new = new or sample.new_tokens / sample.docs  # the own arm's: the documents' whole length
         samples[arm], spent = sample, spent + (sample.spec_s or 0.0)
@@ -430,7 +441,7 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
                      "the sample's decodes drafted nothing that was accepted: AR competes alone")
     chosen, best_ar = choose(candidates, objective, allowed)
     candidates, chosen, best_ar, confirmed = _confirm(pair, settings, candidates, chosen, best_ar, allowed,
-                                                      objective, spare, notes)
+                                                      objective, spare, notes, curve)
     if confirmed:
         phase("confirming decodes")
     # the sample's documents keep outputs the job would have written, whole (the own arm's; the others decoded
@@ -439,13 +450,13 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     own, best = arms[0], candidates[chosen]
     kept = outputs[own] if own in allowed and (settings.lossless or best.arm == own) else \
         ar if best.method == "ar" else []
-    return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases), kept + confirmed)
+    return Tuned(_plan(objective, candidates, chosen, best_ar, start, notes, phases, curve), kept + confirmed)
 
 
 
 def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candidate], chosen: int, best_ar: int,
              allowed: set[tuple[str, str | None]], objective: str, spare: tuple[list[list[int]], list[str]],
-             notes: list[str]) -> tuple[list[Candidate], int, int, list[Generation]]:
+             notes: list[str], curve: tuple[float, ...] = ()) -> tuple[list[Candidate], int, int, list[Generation]]:
     """Real decodes on the spare documents, a batch each, of a speculative pick and of AR at its best batch (what it
     is compared with). A speculative candidate at a batch > 1 is chosen only once confirmed: its prediction rests on
     the acceptance measured at batch 1 (AR's on measured passes alone, batch 1's on its own decode); one whose batch
@@ -481,7 +492,7 @@ def _confirm(pair: ModelPair, settings: DecodeSettings, candidates: list[Candida
         part = slice(used, used + c.batch_size)
         used += c.batch_size
         decoder = Decoder(pair_for(pair, c.drafter) if c.method != "ar" else ModelPair(pair.target, None),
-                          settings_for(settings, c))
+                          settings_for(settings, c), curve)
         decoder.prepare()
         seconds, gens = _timed_decode(decoder, prompts[part], ids[part], c.label)
         tokens = sum(len(g.token_ids) for g in gens)  # (a test's stopwatch may give it no time: as predicted)
@@ -558,21 +569,22 @@ def _quality_loss(pair: ModelPair, gens: list[Generation], ar: list[Generation],
     return chrf([h for _, h, _ in pairs]) - chrf([g for g, _, _ in pairs])
 
 
-def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int
-                 ) -> Decoder:
+def _arm_decoder(pair: ModelPair, arm: tuple[str, str | None], settings: DecodeSettings, new_tokens: int,
+                 curve: tuple[float, ...] = ()) -> Decoder:
     """The decoder that measures one arm on the sample: batch 1, traced, with its one-time measurements taken (the
-    automatic verify budget's among them, where the spec sets none)."""
+    automatic verify budget's among them, where the spec sets none: from `curve`, the tuning's own passes)."""
     method, drafter = arm
     decoder = Decoder(pair_for(pair, drafter), settings.with_(method=method, batch_size=1, trace=True,
-                                                              max_new_tokens=new_tokens))
+                                                              max_new_tokens=new_tokens), curve)
     decoder.prepare()
     return decoder
 
 
 def _plan(objective: str, candidates: list[Candidate], chosen: int, ar: int, start: float, notes: list[str],
-          phases: dict[str, float]) -> Plan:
+          phases: dict[str, float], curve: tuple[float, ...]) -> Plan:
     return Plan(objective, candidates, chosen, ar, time.perf_counter() - start,
-                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "measured", notes, phases)
+                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "measured", notes, phases,
+                curve)
 
 
 def _measure_arm(decoder: Decoder, model: torch.nn.Module, prompts: list[list[int]], ids: list[str],
@@ -593,8 +605,8 @@ def _measure_arm(decoder: Decoder, model: torch.nn.Module, prompts: list[list[in
         agreement = sum(ok for _, ok in checked) / len(checked)
     stats = [g.stats for g in gens]
     sample = Sample(len(prompts), sum(len(g.token_ids) for g in gens), sum(s for s, _ in checked), spec_s,
-                    sum(s.iterations for s in stats), sum(s.drafted for s in stats), tuple(_runs(gens)), agreement,
-                    all(ok for _, ok in checked))
+                    sum(s.iterations for s in stats), sum(s.drafted for s in stats), tuple(_runs(gens)),
+                    decoder.share(1), agreement, all(ok for _, ok in checked))
     return sample, gens
 
 

@@ -5,8 +5,8 @@
 
 Throughput: `--no-tune` jobs of {ar, cmasd} x batch {1, 8, 16, 32}, then the default (tuned) job twice: first with
 no plan kept (its plans and cost measurements removed from $CMSD_CACHE: a fresh machine, less the model's one-time
-conversion), then reusing the plan; with --rounds N the fastest `--no-tune` job and the tuned job again,
-alternately, until each ran N times (their medians: one run's wall time varies by several percent here). Latency: `--no-tune --method ar --batch-size 1` against `--objective latency`
+conversion), then reusing the plan; with --rounds N the fastest `--no-tune` job, the tuned job's first run and
+its second again, in turn, until each ran N times (their medians: one run's wall time varies by 5-15% here). Latency: `--no-tune --method ar --batch-size 1` against `--objective latency`
 (both with their cost measurements kept), per-document time from the results. Every job's output is compared with
 AR's. Prints a Markdown table of ratios.
 """
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,16,32", help="the --no-tune jobs' batch sizes")
     parser.add_argument("--latency-only", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="then the fastest --no-tune job and the tuned job "
-                        "(plan reused) again, alternately, until each ran this many times: their medians compared")
+                        "(first run, plan reused) again, in turn, until each ran this many times: medians compared")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tune-bench"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -62,10 +62,17 @@ def main() -> None:
     corpus = str(Path(args.corpus).resolve())
     jobs = []
     if args.latency_only:
-        jobs.append(run_job("ar-b1", corpus, args.out, args, "--no-tune", "--method", "ar", "--batch-size", "1"))
-        shutil.rmtree(cache / "plans", ignore_errors=True)
-        jobs.append(run_job("latency", corpus, args.out, args, "--objective", "latency"))
+        for r in range(1, args.rounds + 1):
+            tail = f"-r{r}" if r > 1 else ""
+            jobs.append(run_job("ar-b1" + tail, corpus, args.out, args, "--no-tune", "--method", "ar",
+                                "--batch-size", "1"))
+            shutil.rmtree(cache / "plans", ignore_errors=True)
+            jobs.append(run_job("latency" + tail, corpus, args.out, args, "--objective", "latency"))
         base = jobs[0]
+        if args.rounds > 1:
+            a, b = (statistics.median(j["latency"] for j in jobs[i::2]) for i in (0, 1))
+            print(f"medians over {args.rounds} rounds, per document: ar-b1 {a:.2f} s, latency {b:.2f} s: "
+                  f"{b / a:.3f}\n")
         print("| job | wall s | per-document s | vs AR b1 (per document) | tuning chose | output = AR |")
         print("| --- | --- | --- | --- | --- | --- |")
         for j in jobs:
@@ -77,22 +84,23 @@ def main() -> None:
         for batch in args.batches.split(","):
             jobs.append(run_job(f"{method}-b{batch}", corpus, args.out, args, "--no-tune", "--method", method,
                                 "--batch-size", batch))
-    for folder in ("plans", "kernels"):  # a fresh machine: nothing measured before (the model stays converted)
-        shutil.rmtree(cache / folder, ignore_errors=True)
     fastest = min(jobs, key=lambda j: j["wall"])
-    jobs.append(run_job("tuned-first", corpus, args.out, args))
-    jobs.append(run_job("tuned-again", corpus, args.out, args))
-    fixed, tuned = [fastest], [jobs[-1]]
-    for r in range(2, args.rounds + 1):
-        fixed.append(run_job(f"{fastest['name']}-r{r}", corpus, args.out, args, *fastest["flags"]))
-        tuned.append(run_job(f"tuned-again-r{r}", corpus, args.out, args))
-        jobs += [fixed[-1], tuned[-1]]
+    fixed, first, again = [fastest], [], []
+    for r in range(1, args.rounds + 1):
+        if r > 1:
+            fixed.append(run_job(f"{fastest['name']}-r{r}", corpus, args.out, args, *fastest["flags"]))
+            jobs.append(fixed[-1])
+        for folder in ("plans", "kernels"):  # a fresh machine: nothing measured before (the model stays converted)
+            shutil.rmtree(cache / folder, ignore_errors=True)
+        first.append(run_job("tuned-first" + (f"-r{r}" if r > 1 else ""), corpus, args.out, args))
+        again.append(run_job("tuned-again" + (f"-r{r}" if r > 1 else ""), corpus, args.out, args))
+        jobs += [first[-1], again[-1]]
     ar = jobs[0]
     print(f"fastest --no-tune job: {fastest['name']} ({fastest['wall']:.1f} s)\n")
     if args.rounds > 1:
-        a, b = (statistics.median(j["wall"] for j in group) for group in (fixed, tuned))
-        print(f"medians over {args.rounds} rounds: {fastest['name']} {a:.1f} s, tuned (plan reused) {b:.1f} s: "
-              f"{b / a:.3f}\n")
+        a, b, c = (statistics.median(j["wall"] for j in group) for group in (fixed, first, again))
+        print(f"medians over {args.rounds} rounds: {fastest['name']} {a:.1f} s; tuned, first run {b:.1f} s: "
+              f"{b / a:.3f}; tuned, plan reused {c:.1f} s: {c / a:.3f}\n")
     print("| job | wall s | vs fastest --no-tune | tuning chose | tuning s | speedup_vs_ar | output = AR b1 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for j in jobs:

@@ -134,11 +134,11 @@ class ShardWorker:
             self._ar = self._decoder_for(self._config.decode.with_(method="ar", trace=False))
         return self._ar
 
-    def _decoder_for(self, settings, pair=None):
+    def _decoder_for(self, settings, pair=None, costs=None):
         from cmsd import Decoder, ModelPair
 
         pair = pair or self._pair
-        decoder = Decoder(pair if settings.drafts else ModelPair(pair.target, None), settings)
+        decoder = Decoder(pair if settings.drafts else ModelPair(pair.target, None), settings, costs)
         decoder.prepare()
         return decoder
 
@@ -166,7 +166,7 @@ class ShardWorker:
         self._plan, self._plan_report = plan, plan.to_dict()
         best = plan.best  # its drafter, where it drafts with another than the job's own (loaded by name)
         self._decoder = self._decoder_for(plan.settings(decode), pair_for(self._pair, best.drafter) if
-                                          best.method != "ar" else None)
+                                          best.method != "ar" else None, plan.pass_costs)
         return kept
 
     def _render(self, row: dict[str, str | None]) -> str:

@@ -217,3 +217,21 @@ def test_packed_grouped_query_attention_gives_transformers_logits() -> None:
     assert model.config._attn_implementation == "sdpa"
     valid = torch.tensor([[True, True, True], [True, True, False]])
     torch.testing.assert_close(logits[1][valid], logits[0][valid], rtol=1e-4, atol=1e-5)
+
+
+def test_a_timing_state_holds_the_whole_context_but_prefills_only_its_prefix() -> None:
+    """What times a pass attends over the context's length of cache (its rows' masks and positions as the decode's),
+    but only the first TIMING_PREFIX tokens of each prompt run through the model (their keys and values repeated)."""
+    model, fed = tiny_llama(seed=1), []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        prompts = [list(range(3, 103)), list(range(3, 95))]
+        state = kernels._TimingState(model, prompts, 120)
+        assert fed == [kernels.TIMING_PREFIX] * 2
+        assert state.mask.sum(1).tolist() == [100, 92] and state.pos.tolist() == [100, 92]
+        assert {layer.get_seq_length() for layer in state.cache.layers} == {100}
+        ids = torch.zeros(2, 3, dtype=torch.long)
+        assert state.feed(ids, torch.ones_like(ids, dtype=torch.bool)).shape[:2] == (2, 3)
+    finally:
+        hook.remove()

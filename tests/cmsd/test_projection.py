@@ -52,16 +52,19 @@ def test_a_curve_interpolates_its_grid_and_reads_back_what_it_wrote(tmp_path: Pa
 
 def replayed_seconds(curve: Curve, arm: Traced, gens, host: float) -> float:
     """What a batch-1 decode takes on `curve`'s device pass by pass: its prefill, then each verify pass over the
-    tokens it fed (1 + the drafts in the traces) after the cache it had, plus the host's share."""
+    tokens it fed (1 + the drafts in the traces; a pass that drafted nothing, one) after the cache it had, plus the
+    host's share. (A trace numbers the decode loop's iterations, which run on from one document to the next.)"""
     total = 0.0
     for g in gens:
-        fed = Counter(zip(g.trace["doc_id"], g.trace["iteration"]))
+        mine = [(i, ok) for d, i, ok in zip(g.trace["doc_id"], g.trace["iteration"], g.trace["accepted"])
+                if d == g.doc_id]
+        fed, accepted = Counter(i for i, _ in mine), Counter(i for i, ok in mine if ok)
+        passes = [(1, 0)] * (g.stats.iterations - len(fed)) + [(1 + fed[i], accepted[i]) for i in sorted(fed)]
         context = g.prompt_tokens
         total += curve.prefill_s(g.prompt_tokens)
-        for i in range(g.stats.iterations):
-            total += curve.pass_s(1, 1 + fed.get((g.doc_id, i), 0), context) + host
-            context += 1 + sum(ok for d, it, ok in zip(g.trace["doc_id"], g.trace["iteration"], g.trace["accepted"])
-                               if (d, it) == (g.doc_id, i))
+        for tokens, kept in passes:
+            total += curve.pass_s(1, tokens, context) + host
+            context += 1 + kept
     return total
 
 

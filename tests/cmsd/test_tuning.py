@@ -268,6 +268,56 @@ def test_the_drafts_a_row_carries_are_searched_per_batch_size() -> None:
         assert settings.verify_tokens // c.batch_size - 1 == c.drafts_per_row and settings.batch_size == c.batch_size
 
 
+
+def test_batch_one_is_the_samples_own_decode_at_its_own_share() -> None:
+    """The arm's batch-1 candidate is what its sample measured (its decoder's share of drafts, a tree cut by the
+    cost curve within it), not a share searched on a prediction; the other batch sizes are searched."""
+    batches = [1, 2, 4]
+    cpu = {(b, t): 1.0 + 0.1 * (b * t - 1) for b in batches for t in range(1, 10)}
+    sample = replace(SAMPLE, new_tokens=20 + 60, runs=(6,) * 10 + (0,) * 10, drafted=140, share=7,
+                     spec_s=20 * cost(cpu, 1, 8))  # 20 passes of 8 tokens, 60 drafts accepted
+    found = predict(cpu, sample, "cmasd", "ngram", 0, 8, batches, 10.0, True, search=True)
+    one = found[0]
+    assert (one.batch_size, one.drafts_per_row, one.measured) == (1, 7, True)
+    assert one.doc_s == pytest.approx(sample.spec_s / sample.docs)  # its own decode's time
+    assert one.tokens_per_call == pytest.approx(1 + 60 / 20)
+    assert [c.measured for c in found[1:]] == [False, False] and found[1].drafts_per_row <= 6
+
+
+def test_a_single_rows_tree_is_cut_by_the_cost_curve_not_by_the_automatic_budget() -> None:
+    """With the automatic budget a single row's tree takes the whole cost curve (its cut keeps what pays); a
+    batch's rows share the budget the curve gives, and a chain drafts within that budget. A curve given to the
+    decoder is used as measured (no measurement of its own)."""
+    target = tiny_llama(seed=2)
+    prompts = repetitive_prompts(4, 6)
+    pair = ModelPair(LoadedModel("target", target, None), "ngram")
+    curve = (1.0, 1.25, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0)  # the budget: 2 tokens a pass (<= 1.3 steps)
+    expected = [greedy_reference(target, p, NEW) for p in prompts]
+    tree = Decoder(pair, DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=1), curve)
+    gens = tree.generate_ids(prompts)
+    assert tree.verify_tokens == 2 and tree.costs == curve
+    assert (tree.share(1), tree.share(2), tree.drafts_at(2)) == (7, 0, False)
+    assert [g.token_ids for g in gens] == expected
+    assert max(g.stats.drafted / g.stats.iterations for g in gens) > 1  # more than the budget's one draft a pass
+    chain = Decoder(pair, DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=1,
+                                         ngram=replace(DecodeSettings().ngram, branches=1)), curve)
+    gens = chain.generate_ids(prompts)
+    assert chain.share(1) == 1 and all(g.stats.drafted <= g.stats.iterations for g in gens)
+    assert [g.token_ids for g in gens] == expected
+    fixed = Decoder(pair, DecodeSettings(method="cmasd", max_new_tokens=NEW, batch_size=1, verify_tokens=3), curve)
+    assert fixed.share(1) == 2  # a budget the spec sets is kept
+
+
+def test_the_tuning_hands_its_measured_curve_to_the_decoders_and_the_plan() -> None:
+    stopwatch = ModelledCosts()
+    with timed_by(stopwatch):
+        *_, tuned = tuned_on_a_tiny_model(DecodeSettings(method="cmasd", max_new_tokens=NEW), "latency")
+    assert tuned.plan.pass_costs == pytest.approx(tuple(1 + 0.1 * (t - 1) for t in range(1, cmsd.decode.MAX_PASS + 1)))
+    assert not [w for w in stopwatch.calls if w[0] == "forward"]  # the decoders measured no curve of their own
+    spec = next(c for c in tuned.plan.candidates if c.method == "cmasd" and c.batch_size == 1)
+    assert spec.measured and spec.drafts_per_row == cmsd.decode.MAX_PASS - 1
+    assert Plan.from_dict(tuned.plan.to_dict()).pass_costs == tuned.plan.pass_costs
+
 class PricedDecodes(ModelledCosts):
     """Modelled costs (a GPU-like pass: 0.002 a token beyond the first), with each confirming decode of a candidate
     (by its label) taking the seconds given; the counted ("step", rows, tokens) passes kept."""
