@@ -6,18 +6,18 @@ chosen from costs measured on the machine that decodes it and acceptance measure
    first: it also warms the model up for the timings after it. On a CPU the batch-1 widths up to MAX_PASS are the
    decoders' cost curve (their automatic verify budget and a single row's tree cut: the tuning's decoders and the
    plan's get it, measured at the corpus's own context, and measure none of their own).
-2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD
-   with the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the
-   target is calibrated (`alternatives`); each with the decoder's own verify budget (where the spec sets none, the
-   automatic one: a single row's tree drafts as far as its cut by the cost curve finds worth it, a chain the widest
-   pass costing at most 1.3 single steps; no limit on a GPU). The sample's outputs are the documents' outputs (a document decoded while tuning is not decoded again).
-   The target's prefill of each sample prompt is timed, and under strict greedy verification one more pass of the
-   target over each arm's output checks that it is the target's greedy output token for token (AR's output: the
-   check strict verification makes, over the whole output at once, instead of a second decode); an arm that fails
-   it does not compete. Under relaxed verification
-   the sample is decoded by AR too, and an arm must keep the floors `cmsd-jobs eval` gates on: agreement with AR
-   (RELAXED_MIN_AGREEMENT) and chrF against the references (RELAXED_MAX_QUALITY_LOSS). Where the job's method is AR,
-   the sample is decoded by AR alone.
+2. A sample of the documents is decoded at batch 1 by each arm (a method with a drafter): the job's own, CM-ASD with
+   the n-gram drafter and with the head shipped for the target where one ships, and SpecBound where the target is
+   calibrated (`alternatives`); each with the decoder's own verify budget (where the spec sets none, the automatic
+   one: a single row's tree drafts as far as its cut by the cost curve finds worth it, a chain the widest pass
+   costing at most 1.3 single steps; no limit on a GPU). The sample's outputs are the documents' outputs (a document
+   decoded while tuning is not decoded again). The target's prefill of each sample prompt is timed, and under strict
+   greedy verification one more pass of the target over each arm's output checks that it is the target's greedy
+   output token for token (AR's output: the check strict verification makes, over the whole output at once, instead
+   of a second decode); an arm that fails it does not compete. Under relaxed verification the sample is decoded by AR
+   too, and an arm must keep the floors `cmsd-jobs eval` gates on: agreement with AR (RELAXED_MIN_AGREEMENT) and chrF
+   against the references (RELAXED_MAX_QUALITY_LOSS). Where the job's method is AR, the sample is decoded by AR
+   alone.
 3. Every candidate's time is predicted from those. A batch of b documents costs b P + (N / tau) (pass(b, t) + D b):
    P what a document costs besides its passes (its prefill: timed, or fitted to AR's sample decode), N its new
    tokens, t the tokens a row feeds a pass (1 + its drafts), tau the tokens a pass gains, D the drafter's own cost
@@ -379,12 +379,13 @@ def tune(pair: ModelPair, settings: DecodeSettings, prompts: list[list[int]], id
     row_mb = kv_row_mb(model, max(lengths) + settings.max_new_tokens + 2 * k_max + 8)
     batches = batches_within(max_batch, row_mb, free_memory_mb(pair.device)) if objective == "throughput" else [1]
     context = _bucket(sum(lengths) / len(lengths) + settings.max_new_tokens // 2)
-    curve = arms and search and pair.device.type == "cpu"  # the decoders' cost curve, from these passes
-    costs = _pass_costs(model, settings, [(b, 1) for b in batches] + (
-        [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else
-        shapes(batches, settings.verify_tokens, k_max, True)) + (
-        [(1, t) for t in range(1, MAX_PASS + 1)] if curve else []) if arms else [(b, 1) for b in batches], context)
-    curve = tuple(costs[1, t] / costs[1, 1] for t in range(1, MAX_PASS + 1)) if curve else ()
+    wanted = [(b, 1) for b in batches]
+    if arms:
+        wanted += [(1, t) for t in TOKEN_POINTS if t <= 1 + k_max] if search else \
+            shapes(batches, settings.verify_tokens, k_max, True)
+    widths = range(1, MAX_PASS + 1) if arms and search and pair.device.type == "cpu" else []  # the decoders' curve
+    costs = _pass_costs(model, settings, wanted + [(1, t) for t in widths], context)
+    curve = tuple(costs[1, t] / costs[1, 1] for t in widths)
     phase("pass costs")
     ar_decoder = Decoder(ModelPair(pair.target, None), settings.with_(method="ar", batch_size=1, trace=False))
     if not arms:
