@@ -328,12 +328,11 @@ class _TimingState(HoleyState):
         head = prompt[:TIMING_PREFIX]
         self.model(input_ids=torch.tensor([head], device=self.mask.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
-        for layer in cache.layers:
-            repeats = -(-len(prompt) // len(head)) - 1
-            if repeats:
-                keys, values = (t.repeat(1, 1, repeats, 1)[:, :, :len(prompt) - len(head)]
-                                for t in (layer.keys, layer.values))
-                layer.update(keys, values)
+        repeats = -(-len(prompt) // len(head)) - 1  # more copies of the prefix, the last one cut short
+        for layer in cache.layers if repeats else []:
+            keys, values = (t.repeat(1, 1, repeats, 1)[:, :, :len(prompt) - len(head)]
+                            for t in (layer.keys, layer.values))
+            layer.update(keys, values)
 
 
 TIMING_PREFIX = 16  # the tokens a timing state really prefills (`_TimingState`)
