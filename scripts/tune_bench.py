@@ -6,8 +6,9 @@
 Throughput: `--no-tune` jobs of {ar, cmasd} x batch {1, 8, 16, 32}, then the default (tuned) job twice: first with
 no plan kept (its plans and cost measurements removed from $CMSD_CACHE: a fresh machine, less the model's one-time
 conversion), then reusing the plan; with --rounds N the fastest `--no-tune` job, the tuned job's first run and
-its second again, in turn, until each ran N times (their medians: one run's wall time varies by 5-15% here). Latency: `--no-tune --method ar --batch-size 1` against `--objective latency`
-(both with their cost measurements kept), per-document time from the results. Every job's output is compared with
+its second again, in turn, until each ran N times (their medians: one run's wall time varies by 5-15% here).
+Latency: `--no-tune --method ar --batch-size 1` against `--objective latency` (both with their cost measurements
+kept; --rounds N: in turn, N times each), per-document time from the results. Every job's output is compared with
 AR's. Prints a Markdown table of ratios.
 """
 

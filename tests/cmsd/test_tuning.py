@@ -268,7 +268,6 @@ def test_the_drafts_a_row_carries_are_searched_per_batch_size() -> None:
         assert settings.verify_tokens // c.batch_size - 1 == c.drafts_per_row and settings.batch_size == c.batch_size
 
 
-
 def test_batch_one_is_the_samples_own_decode_at_its_own_share() -> None:
     """The arm's batch-1 candidate is what its sample measured (its decoder's share of drafts, a tree cut by the
     cost curve within it), not a share searched on a prediction; the other batch sizes are searched."""
@@ -312,11 +311,13 @@ def test_the_tuning_hands_its_measured_curve_to_the_decoders_and_the_plan() -> N
     stopwatch = ModelledCosts()
     with timed_by(stopwatch):
         *_, tuned = tuned_on_a_tiny_model(DecodeSettings(method="cmasd", max_new_tokens=NEW), "latency")
-    assert tuned.plan.pass_costs == pytest.approx(tuple(1 + 0.1 * (t - 1) for t in range(1, cmsd.decode.MAX_PASS + 1)))
+    widths = range(1, cmsd.decode.MAX_PASS + 1)
+    assert tuned.plan.pass_costs == pytest.approx(tuple(1 + 0.1 * (t - 1) for t in widths))  # the modelled passes
     assert not [w for w in stopwatch.calls if w[0] == "forward"]  # the decoders measured no curve of their own
     spec = next(c for c in tuned.plan.candidates if c.method == "cmasd" and c.batch_size == 1)
     assert spec.measured and spec.drafts_per_row == cmsd.decode.MAX_PASS - 1
     assert Plan.from_dict(tuned.plan.to_dict()).pass_costs == tuned.plan.pass_costs
+
 
 class PricedDecodes(ModelledCosts):
     """Modelled costs (a GPU-like pass: 0.002 a token beyond the first), with each confirming decode of a candidate
